@@ -1,0 +1,726 @@
+"""
+DiS: diffusion models with a bidirectional Mamba (state space model) backbone, in one file.
+
+Paper: "Scalable Diffusion Models with State Space Backbone", Fei, Fan, Yu, Huang (arXiv 2402.05608).
+Official code: github.com/feizc/DiS (models_dis.py, built on Vim's patched mamba-ssm and on DiT's diffusion).
+
+Read it top to bottom, four sections:
+  1. Selective scan   - the SSM recurrence (mamba-ssm: selective_scan_fn / selective_scan_ref)
+  2. Mixer            - a bidirectional Mamba layer (Vim's "bimamba v2" in mamba_simple.Mamba)
+  3. Model            - the DiS network, its sizes and a FLOP counter (models_dis.DisModel)
+  4. Diffusion        - noise schedule, training loss and samplers (DiT's / improved-DDPM's gaussian_diffusion)
+
+Glossary of shape letters (Mamba paper symbols in brackets):
+  b        batch size                                           [B]
+  l        sequence length: extra tokens (time, label) + patches [L]
+  d        model width, d_model                                 [D]
+  d_inner  width inside the mixer, expand * d                   [E*D]
+  n        SSM state size per channel, d_state                  [N]
+  dt_rank  rank of the low-rank projection that makes delta     [ceil(D/16)]
+  c, h, w  image channels, height, width;  p  patch size
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional CUDA kernel; importing it fails unless its compiled extension is really present
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_selective_scan_fn
+except Exception:  # ImportError, or an OSError/RuntimeError from a broken CUDA build
+    mamba_selective_scan_fn = None
+
+
+#################################################################################
+#                          1. Selective scan                                    #
+#################################################################################
+# The state space recurrence at the heart of Mamba, for each batch b and channel d:
+#     dt_t = softplus(delta_t + delta_bias)                (a per-token step size)
+#     h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t    (h_t: a state of n numbers)
+#     y_t  = <h_t, C_t> + D * u_t,   out_t = y_t * silu(z_t)
+# Layouts follow mamba-ssm's selective_scan_fn so that its CUDA kernel drops in unchanged:
+#     u, delta, z: (b, d, l)   A: (d, n)   B, C: (b, n, l)   D, delta_bias: (d,)
+# Three implementations, all with the same signature:
+#   selective_scan_ref   a plain loop; autograd keeps every (b, d, l, n) intermediate. The reference.
+#   selective_scan_lean  the default: same loop, hand-written backward that recomputes the states,
+#                        so only (b, d, l)-sized inputs are kept for backward (the CUDA kernel's trick).
+#   mamba-ssm's kernel   used automatically on CUDA when the package is installed.
+
+def _scan_dtype(u):
+    # Half precision cannot carry a recurrence over hundreds of steps; float64 stays float64 for gradcheck.
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias):
+    b, d, l = u.shape
+    n = A.shape[-1]
+    expected = {"delta": (delta, (b, d, l)), "A": (A, (d, n)), "B": (B, (b, n, l)), "C": (C, (b, n, l)),
+                "D": (D, (d,)), "z": (z, (b, d, l)), "delta_bias": (delta_bias, (d,))}
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {shape} "
+                             f"for u of shape (b, d, l) = {(b, d, l)} and A of shape (d, n) = {(d, n)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported (DiS uses real A)")
+
+
+def _discretize(u, delta, A, B, delta_bias, delta_softplus):
+    """Shared first step: the step size dt and the per-token input dt * B * u, all in the compute dtype."""
+    dtype = _scan_dtype(u)
+    u, delta, A, B = u.to(dtype), delta.to(dtype), A.to(dtype), B.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    dt = F.softplus(delta) if delta_softplus else delta       # (b, d, l)
+    return u, dt, A, B
+
+
+def _finish(y, u, D, z, out_dtype):
+    """Shared last step: skip term D * u and the silu(z) gate, then back to the input dtype."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]                    # (b, d, l)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))                         # (b, d, l)
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The readable reference (mirrors mamba_ssm.ops.selective_scan_interface.selective_scan_ref).
+
+    Loops over tensor.unbind(-1): indexing x[..., t] inside the loop instead would make each step's
+    backward write a full-size zero gradient, so the backward would grow quadratically in l.
+    """
+    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+    C32 = C.to(u32.dtype)
+    dA = torch.exp(dt[..., None] * A32[:, None, :])                                # (b, d, l, n)
+    dBu = (dt * u32)[..., None] * rearrange(B32, "b n l -> b 1 l n")               # (b, d, l, n)
+    h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])                           # (b, d, n)
+    ys = []
+    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), C32.unbind(2)):
+        h = dA_t * h + dBu_t                                                       # (b, d, n)
+        ys.append(torch.einsum("bdn,bn->bd", h, C_t))                              # (b, d)
+    y = torch.stack(ys, dim=-1)                                                    # (b, d, l)
+    return _finish(y, u32, D, z, u.dtype)
+
+
+class _LeanScan(torch.autograd.Function):
+    """The memory-lean scan. Forward: the same recurrence, run chunk by chunk, saving only the inputs
+    and one state per chunk. Backward: recompute each chunk's states from its saved start state, then
+    run the adjoint recurrence from the last token to the first:
+        g_h_t = g_y_t * C_t + exp(dt_{t+1} A) * g_h_{t+1}
+    from which every input gradient is a local product (derivation in the comments of backward)."""
+
+    @staticmethod
+    def _chunk_states(h, dA, dBu):
+        # One fused multiply-add per token: h_t = dA_t * h_{t-1} + dBu_t.  dA, dBu: (b, k, d, n)
+        hs = torch.empty_like(dBu)                                                  # (b, k, d, n)
+        for t in range(dBu.shape[1]):
+            h = torch.addcmul(dBu[:, t], dA[:, t], h, out=hs[:, t])                 # (b, d, n)
+        return hs
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+        with torch.autocast(u.device.type, enabled=False):
+            u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+            C32 = C.to(u32.dtype)
+            b, d, l = u.shape
+            h = u32.new_zeros(b, d, A.shape[1])                                     # (b, d, n)
+            starts, ys = [], []
+            for s in range(0, l, chunk):
+                e = min(s + chunk, l)
+                starts.append(h)
+                dt_c = dt[:, :, s:e].transpose(1, 2)                                # (b, k, d)
+                dA = torch.exp(dt_c[..., None] * A32)                               # (b, k, d, n)
+                dBu = (dt_c * u32[:, :, s:e].transpose(1, 2))[..., None] * B32[:, :, s:e].transpose(1, 2)[:, :, None]  # (b, k, d, n)
+                hs = _LeanScan._chunk_states(h, dA, dBu)                            # (b, k, d, n)
+                h = hs[:, -1].clone()           # a copy, so the chunk's states can be freed   (b, d, n)
+                ys.append(torch.einsum("bkdn,bnk->bdk", hs, C32[:, :, s:e]))       # (b, d, k)
+            y = torch.cat(ys, dim=-1)                                               # (b, d, l)
+            out = _finish(y, u32, D, z, u.dtype)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts, 1))  # starts: (b, chunks, d, n)
+        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        with torch.autocast(u.device.type, enabled=False):
+            u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, ctx.delta_softplus)
+            C32, g_out = C.to(u32.dtype), g_out.to(u32.dtype)
+            D32 = D.to(u32.dtype)[:, None] if D is not None else None                  # (d, 1)
+            # out = y * silu(z) with y = <h, C> + D u: the gate's gradient needs only z
+            if z is not None:
+                z32 = z.to(u32.dtype)
+                sig = torch.sigmoid(z32)                                                # (b, d, l)
+                g_y = g_out * z32 * sig                                                 # (b, d, l)
+                g_silu = g_out * sig * (1 + z32 * (1 - sig))                            # g_out * silu'(z)
+                g_z = torch.empty_like(z32)                                             # filled per chunk, needs y
+            else:
+                g_y, g_z = g_out, None
+            g_u = g_y * D32 if D is not None else torch.zeros_like(u32)                 # (b, d, l)
+            g_D = (g_y * u32).sum((0, 2)).to(D.dtype) if D is not None else None
+            g_dt, g_A = torch.empty_like(dt), torch.zeros_like(A32)
+            g_B, g_C = torch.empty_like(B32), torch.empty_like(C32)
+            l, chunk = u.shape[-1], ctx.chunk
+            carry = torch.zeros_like(starts[:, 0])               # exp(dt_{t+1} A) * g_h_{t+1}, (b, d, n)
+            for ci, s in reversed(list(enumerate(range(0, l, chunk)))):
+                e = min(s + chunk, l)
+                dt_c, u_c = dt[:, :, s:e].transpose(1, 2), u32[:, :, s:e].transpose(1, 2)   # (b, k, d)
+                B_c, C_c = B32[:, :, s:e].transpose(1, 2), C32[:, :, s:e].transpose(1, 2)   # (b, k, n)
+                g_y_c = g_y[:, :, s:e].transpose(1, 2)                                 # (b, k, d)
+                # recompute this chunk's states from its saved start state
+                dA = torch.exp(dt_c[..., None] * A32)                                  # (b, k, d, n)
+                dBu = (dt_c * u_c)[..., None] * B_c[:, :, None]                        # (b, k, d, n)
+                hs = _LeanScan._chunk_states(starts[:, ci], dA, dBu)                   # (b, k, d, n)
+                if z is not None:
+                    y_c = torch.einsum("bkdn,bkn->bdk", hs, C_c)                       # (b, d, k)
+                    if D is not None:
+                        y_c = y_c + u32[:, :, s:e] * D32
+                    g_z[:, :, s:e] = g_silu[:, :, s:e] * y_c
+                # adjoint recurrence, last token first: g_h_t = g_y_t C_t + exp(dt_{t+1} A) g_h_{t+1}
+                g_h = g_y_c[..., None] * C_c[:, :, None]                               # (b, k, d, n)
+                for t in reversed(range(e - s)):
+                    carry = dA[:, t] * g_h[:, t].add_(carry)                           # (b, d, n)
+                # local gradients; h_{t-1} is the previous state (the chunk's start state for t = 0)
+                h_prev = torch.cat([starts[:, ci, None], hs[:, :-1]], dim=1)           # (b, k, d, n)
+                g_dtA = g_h * h_prev * dA                       # grad of dt*A inside exp(dt*A) h_{t-1}
+                g_A += torch.einsum("bkdn,bkd->dn", g_dtA, dt_c)                       # (d, n)
+                g_dtu = torch.einsum("bkdn,bkn->bkd", g_h, B_c)                        # grad of dt*u, (b, k, d)
+                g_dt[:, :, s:e] = (torch.einsum("bkdn,dn->bkd", g_dtA, A32) + g_dtu * u_c).transpose(1, 2)
+                g_u[:, :, s:e] += (g_dtu * dt_c).transpose(1, 2)
+                g_B[:, :, s:e] = torch.einsum("bkdn,bkd->bnk", g_h, dt_c * u_c)        # (b, n, k)
+                g_C[:, :, s:e] = torch.einsum("bkdn,bkd->bnk", hs, g_y_c)              # (b, n, k)
+            if ctx.delta_softplus:  # back through dt = softplus(delta + delta_bias)
+                pre = delta.to(dt.dtype) + (delta_bias.to(dt.dtype)[:, None] if delta_bias is not None else 0)
+                g_dt = g_dt * torch.sigmoid(pre)
+            g_bias = g_dt.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+        return (g_u.to(u.dtype), g_dt.to(delta.dtype), g_A.to(A.dtype), g_B.to(B.dtype), g_C.to(C.dtype),
+                g_D, g_z.to(z.dtype) if z is not None else None, g_bias, None, None)
+
+
+def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=16):
+    """Memory-lean PyTorch scan; same signature and result as selective_scan_ref.
+    chunk: tokens per chunk (one saved state each); 16 was fastest in bench.py on CPU and GPU."""
+    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+
+
+# Which implementation selective_scan uses: "auto" (mamba-ssm's kernel where it can run, else the PyTorch
+# scan), "torch" (always PyTorch) or "mamba_ssm" (always the kernel; an error where it cannot run).
+SCAN_BACKEND = "auto"
+TORCH_SCAN = selective_scan_lean   # the PyTorch scan used off the kernel; selective_scan_ref to debug
+
+
+def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None):
+    """True when mamba-ssm's CUDA kernel is installed and accepts these tensors."""
+    if mamba_selective_scan_fn is None:
+        return False
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    return (all(t.is_cuda for t in tensors)
+            and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and A.shape[-1] <= 256
+            and all(t.dtype == torch.float32 for t in (A, D, delta_bias) if t is not None)
+            and all(t.stride(-1) == 1 for t in tensors))
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend=None):
+    """The selective scan with mamba-ssm's signature (selective_scan_fn); see the section comment.
+    backend: None for the module-level SCAN_BACKEND, or "auto" | "torch" | "mamba_ssm"."""
+    backend = backend or SCAN_BACKEND
+    if backend not in ("auto", "torch", "mamba_ssm"):
+        raise ValueError(f"scan backend must be 'auto', 'torch' or 'mamba_ssm', got {backend!r}")
+    if backend != "torch" and mamba_kernel_usable(u, delta, A, B, C, D, z, delta_bias):
+        return mamba_selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias,
+                                       delta_softplus=delta_softplus)
+    if backend == "mamba_ssm":
+        raise RuntimeError("scan backend 'mamba_ssm' was forced, but mamba-ssm is not installed or these "
+                           "tensors do not suit its kernel (CUDA, float32 A/D/delta_bias, n <= 256, "
+                           "contiguous last dim); set DiS.SCAN_BACKEND = 'auto' to fall back to PyTorch")
+    return TORCH_SCAN(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
+#################################################################################
+#                      2. Bidirectional Mamba mixer                             #
+#################################################################################
+# One Mamba layer that reads the tokens in both directions (Vim's "bimamba v2", used by the official
+# DiS through its vendored mamba_simple.Mamba with bimamba_type="v2"). A shared in_proj makes x and z;
+# each direction has its own causal conv, projections and SSM parameters; the backward direction runs
+# on the flipped sequence and is flipped back; the two are summed before the shared out_proj.
+
+class SSM(nn.Module):
+    """One direction: causal depthwise conv -> input-dependent (delta, B, C) -> selective scan.
+    Initialisation as upstream Mamba (mamba_simple.Mamba.__init__)."""
+
+    def __init__(self, d_inner, d_state=16, d_conv=4, dt_rank=8, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
+        super().__init__()
+        self.d_state, self.dt_rank = d_state, dt_rank
+        # padding d_conv - 1 on both sides, then keep the first l outputs: token t sees t-3..t only
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        # dt_proj starts as a near-identity low-rank map, its bias such that softplus(bias) = dt with dt
+        # log-uniform in [dt_min, dt_max]: every channel starts with its own time scale.
+        nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # inverse of softplus
+        self.dt_proj.bias._no_reinit = True   # DiS.initialize_weights zeroes every other Linear bias
+        # A = -exp(A_log) = -(1, 2, ..., n) per channel (S4D-real): decay rates spread over time scales.
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))   # skip connection u -> y
+
+    def forward(self, x, z):
+        l = x.shape[-1]                                                                 # x, z: (b, d_inner, l)
+        x = F.silu(self.conv1d(x)[..., :l])                                             # (b, d_inner, l)
+        x_dbl = self.x_proj(rearrange(x, "b d l -> b l d"))                             # (b, l, dt_rank + 2n)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = rearrange(dt @ self.dt_proj.weight.t(), "b l d -> b d l")                  # (b, d_inner, l); bias in scan
+        B = rearrange(B, "b l n -> b n l").contiguous()                                 # (b, n, l)
+        C = rearrange(C, "b l n -> b n l").contiguous()                                 # (b, n, l)
+        A = -torch.exp(self.A_log.float())                                              # (d_inner, n)
+        return selective_scan(x, dt.contiguous(), A, B, C, self.D.float(), z=z.contiguous(),
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, d_inner, l)
+
+
+class BiMamba(nn.Module):
+    """The DiS mixer (mamba_simple.Mamba with bimamba_type="v2"). Both directions always run."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank=None, n_layer=1, **ssm_kwargs):
+        super().__init__()
+        d_inner = expand * d_model
+        dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.forward_ssm = SSM(d_inner, d_state, d_conv, dt_rank, **ssm_kwargs)
+        self.backward_ssm = SSM(d_inner, d_state, d_conv, dt_rank, **ssm_kwargs)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        # GPT-2 style: shrink the residual-branch output by 1/sqrt(depth) so the sum over layers stays O(1)
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        with torch.no_grad():
+            self.out_proj.weight /= math.sqrt(n_layer)
+
+    def forward(self, hidden):                                                          # (b, l, d)
+        xz = rearrange(self.in_proj(hidden), "b l e -> b e l")                          # (b, 2 d_inner, l)
+        x, z = xz.chunk(2, dim=1)                                                       # (b, d_inner, l) each
+        y_fwd = self.forward_ssm(x, z)                                                  # (b, d_inner, l)
+        y_bwd = self.backward_ssm(x.flip(-1), z.flip(-1)).flip(-1)                      # (b, d_inner, l)
+        return self.out_proj(rearrange(y_fwd + y_bwd, "b e l -> b l e"))               # (b, l, d)
+
+
+#################################################################################
+#                               3. The DiS model                                #
+#################################################################################
+# models_dis.DisModel: patches become tokens, a time token (and a label token) is prepended, a stack of
+# bidirectional Mamba blocks with U-ViT style long skips mixes them, and a DiT-style final layer turns
+# each patch token back into pixels: the noise (and, with learn_sigma, the variance interpolation).
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (integer) timesteps t (b,) -> (b, dim); cos first, as DiT and DiS."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]                                             # (b, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)                        # (b, 2 half)
+    return F.pad(emb, (0, dim % 2))                                                    # (b, dim)
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: zero a whole sample's residual branch with probability p (and rescale)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Add -> RMSNorm -> mixer (models_dis.Block). It takes and returns (mixer output, residual stream):
+    adding the previous mixer output at the start of the next block lets the add and the norm fuse.
+    Out-blocks first merge a long skip: Linear(2d, d) on [incoming mixer output, skip]."""
+
+    def __init__(self, dim, n_layer, drop_path=0.0, skip=False, **mixer_kwargs):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.mixer = BiMamba(dim, n_layer=n_layer, **mixer_kwargs)
+        self.drop_path = drop_path
+
+    def forward(self, hidden, residual, skip=None):                                     # (b, l, d) each
+        if self.skip_linear is not None:
+            hidden = self.skip_linear(torch.cat([hidden, skip], dim=-1))                 # (b, l, d)
+        if residual is None:   # first block: the embedded tokens start the stream
+            residual = hidden.float()                                                   # (b, l, d)
+        else:                  # the stream stays float32 even under bf16 autocast
+            residual = residual + drop_path(hidden, self.drop_path, self.training).float()
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))             # (b, l, d)
+        return hidden, residual
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector; label num_classes is the null label that classifier-free guidance uses.
+    In training, each label is replaced by the null label with probability dropout_prob."""
+
+    def __init__(self, num_classes, dim, dropout_prob=0.1):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, y):                                                               # (b,)
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.embedding_table(y)                                                  # (b, d)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm, then (class-conditional only) adaLN shift/scale from c = time token + label embedding,
+    then a Linear to p*p*out_channels values per token (models_dis.FinalLayer, from DiT)."""
+
+    def __init__(self, dim, patch_size, out_channels, conditional):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if conditional else None
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x, c=None):                                                       # x: (b, l, d), c: (b, d)
+        x = self.norm(x)                                                                # (b, l, d)
+        if self.adaLN is not None:
+            shift, scale = self.adaLN(c).chunk(2, dim=-1)                               # (b, d) each
+            x = x * (1 + scale[:, None]) + shift[:, None]                               # (b, l, d)
+        return self.linear(x)                                                           # (b, l, p*p*out_c)
+
+
+class DiS(nn.Module):
+    """The DiS network. forward(x, t, y=None) -> (b, out_channels, h, w) with out_channels = 2 * in_channels
+    when learn_sigma (noise, then the variance interpolation value v), else in_channels."""
+
+    def __init__(self, image_size=32, patch_size=2, in_channels=3, hidden_size=368, depth=24, num_classes=0,
+                 learn_sigma=True, class_dropout_prob=0.1, drop_path_rate=0.1, **mixer_kwargs):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not divisible by the patch size {patch_size}; "
+                             f"use a multiple of {patch_size} or another model")
+        self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
+        self.hidden_size, self.depth, self.num_classes, self.learn_sigma = hidden_size, depth, num_classes, learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_patches = (image_size // patch_size) ** 2
+        self.extras = 2 if num_classes > 0 else 1            # [label, time] or [time] tokens before the patches
+        self.grad_checkpoint = False                          # recompute each block in backward to save memory
+
+        self.patch_embed = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.time_embed = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(),
+                                        nn.Linear(4 * hidden_size, hidden_size))
+        self.label_embed = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.num_patches, hidden_size))
+
+        # depth // 2 in-blocks, a mid-block, depth // 2 out-blocks; drop-path grows linearly with depth
+        dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        block = partial(Block, hidden_size, depth, **mixer_kwargs)
+        self.in_blocks = nn.ModuleList([block(drop_path=dpr[i]) for i in range(depth // 2)])
+        self.mid_block = block(drop_path=dpr[depth // 2])
+        self.out_blocks = nn.ModuleList([block(drop_path=dpr[depth // 2 + 1 + i], skip=True)
+                                         for i in range(depth // 2)])
+        self.final_drop_path = drop_path_rate
+        self.norm_f = nn.RMSNorm(hidden_size, eps=1e-5)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, conditional=num_classes > 0)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # As the official code (models_dis._init_weights): zero Linear biases except dt_proj's,
+        # embeddings N(0, 0.02); in_proj, x_proj, convs keep PyTorch's defaults; out_proj and dt_proj
+        # were set in BiMamba / SSM.
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        # Borrowed from DiT: a zero output layer (and a zero adaLN) makes the model output exactly 0 at
+        # init, so training starts from "predict no noise" instead of from random outputs.
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        if self.final_layer.adaLN is not None:
+            nn.init.zeros_(self.final_layer.adaLN[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN[-1].bias)
+
+    def unpatchify(self, x):
+        """(b, num_patches, p*p*c) -> (b, c, h, w)"""
+        s = self.image_size // self.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=s, w=s, p=self.patch_size, q=self.patch_size)
+
+    def _run(self, block, hidden, residual, skip=None):
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, hidden, residual, skip, use_reentrant=False)
+        return block(hidden, residual, skip)
+
+    def forward(self, x, t, y=None):
+        """x: (b, c, h, w) noisy images or latents; t: (b,) integer timesteps in [0, 1000); y: (b,) labels
+        (class-conditional models only; num_classes is the null label)."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"DiS expects input of shape (b, {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}), got {tuple(x.shape)}")
+        if (y is None) != (self.num_classes == 0):
+            raise ValueError("a class-conditional DiS needs labels y; an unconditional one (num_classes=0) takes none")
+        tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")                # (b, num_patches, d)
+        time_token = self.time_embed(timestep_embedding(t, self.hidden_size))          # (b, d)
+        extra = [time_token[:, None]]                                                  # (b, 1, d)
+        c = None
+        if self.label_embed is not None:
+            label_token = self.label_embed(y)                                           # (b, d)
+            extra = [label_token[:, None]] + extra
+            c = time_token + label_token                                                # (b, d)
+        hidden = torch.cat(extra + [tokens], dim=1) + self.pos_embed                    # (b, l, d)
+
+        residual, skips = None, []
+        for blk in self.in_blocks:
+            hidden, residual = self._run(blk, hidden, residual)                         # (b, l, d)
+            skips.append(hidden)                           # the mixer output, not the residual stream
+        hidden, residual = self._run(self.mid_block, hidden, residual)                 # (b, l, d)
+        for blk in self.out_blocks:
+            hidden, residual = self._run(blk, hidden, residual, skips.pop())           # (b, l, d)
+        residual = residual + drop_path(hidden, self.final_drop_path, self.training).float()
+        hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))                    # (b, l, d)
+
+        out = self.final_layer(hidden, c)                                              # (b, l, p*p*out_c)
+        return self.unpatchify(out[:, self.extras:])                                   # (b, out_c, h, w)
+
+
+# The official sizes (models_dis.py): width / depth, patch size 2 or 4. "T" (tiny) is ours, for tests and
+# CPU demos. depth counts in- plus out-blocks; with the mid-block there are depth + 1 mixer layers.
+DIS_SIZES = {"T": (128, 6), "S": (368, 24), "B": (768, 24), "M": (768, 48), "L": (1024, 48), "H": (1536, 48)}
+
+
+def _constructor(width, depth, patch):
+    def build(image_size=32, in_channels=3, num_classes=0, learn_sigma=True, **kwargs):
+        return DiS(image_size=image_size, patch_size=patch, in_channels=in_channels, hidden_size=width,
+                   depth=depth, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
+    return build
+
+
+DiS_models = {f"DiS-{size}/{p}": _constructor(w, d, p) for size, (w, d) in DIS_SIZES.items() for p in (2, 4)}
+
+
+def create_model(name, **kwargs):
+    """DiS_models[name](**kwargs), with an error that lists the names."""
+    if name not in DiS_models:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(DiS_models)}")
+    return DiS_models[name](**kwargs)
+
+
+def scan_flops(b, d, l, n):
+    """Elementwise FLOPs of one selective scan (1 multiply-add = 2 FLOPs; exp, softplus, sigmoid = 1 each):
+    per (b, d, l, n): dt*A, exp, (dt u)*B, h = dA*h + dBu (2), y += h*C (2)           -> 7
+    per (b, d, l):    bias add, softplus, dt*u, D*u + y (2), silu(z) (2), gate          -> 8"""
+    return b * d * l * (7 * n + 8)
+
+
+def count_flops(model, batch=1):
+    """Forward FLOPs of a DiS model for `batch` inputs of its own size, 1 multiply-add = 2 FLOPs.
+    Returns {"matmul": every Linear, conv and the patch embedding, "scan": the selective scans' elementwise
+    work, "total"}. Norms, activations and additions outside the scan are left out (a few percent).
+    The official numbers came from a hook counter that misses the mixer's projections and the scan."""
+    d, L = model.hidden_size, model.extras + model.num_patches
+    m = model.mid_block.mixer
+    e, n = m.in_proj.out_features // 2, m.forward_ssm.d_state
+    r, k = m.forward_ssm.dt_rank, m.forward_ssm.conv1d.kernel_size[0]
+    p, c = model.patch_size, model.in_channels
+    layers = model.depth + 1
+    mm = 2 * c * p * p * d * model.num_patches                          # patch embedding
+    mm += 2 * (d * 4 * d + 4 * d * d)                                   # time MLP
+    per_layer = 2 * L * d * 2 * e + 2 * L * e * d                       # in_proj, out_proj
+    per_layer += 2 * (2 * e * k * (L + k - 1) + 2 * L * e * (r + 2 * n) + 2 * L * r * e)  # conv, x_proj, dt_proj, both ways
+    mm += layers * per_layer
+    mm += (model.depth // 2) * 2 * L * 2 * d * d                        # skip linears
+    if model.num_classes > 0:
+        mm += 2 * d * 2 * d                                             # adaLN
+    mm += 2 * L * d * p * p * model.out_channels                        # final linear (on every token)
+    scan = layers * 2 * scan_flops(1, e, L, n)
+    return {"matmul": batch * mm, "scan": batch * scan, "total": batch * (mm + scan)}
+
+
+#################################################################################
+#                                4. Diffusion                                   #
+#################################################################################
+# Gaussian diffusion as DiT and DiS train it (DiT's diffusion/gaussian_diffusion.py, after improved-DDPM):
+# a linear beta schedule over 1000 steps, the network predicts the noise eps and, with learn_sigma,
+# a value v in [-1, 1] that interpolates the log-variance between beta_t and the posterior variance.
+# The loss is MSE(eps) + the variational bound (VLB) term, which trains only the variance.
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log-likelihood of data x in [-1, 1], discretised to 256 levels, under N(means, exp(log_scales)^2)."""
+    def cdf(v):  # the tanh approximation of the standard normal CDF, as improved-DDPM
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    centered, inv_std = x - means, torch.exp(-log_scales)
+    cdf_plus, cdf_min = cdf(inv_std * (centered + 1 / 255)), cdf(inv_std * (centered - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))             # the lowest bin takes everything below
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))  # the highest bin everything above
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def mean_flat(x):
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+class Diffusion:
+    """The noise schedule and everything computed from it. Tables are float64 tensors indexed by step.
+    A respaced copy (respace) keeps a subset of the steps with recomputed betas; timestep_map says which
+    training timestep (0..999) each of its steps stands for, and the model always sees those."""
+
+    def __init__(self, num_timesteps=1000, betas=None, timestep_map=None):
+        if betas is None:  # linear schedule, as DDPM / DiT
+            betas = torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64)
+        self.betas = betas.to(torch.float64)
+        self.num_timesteps = len(self.betas)
+        self.timestep_map = torch.arange(self.num_timesteps) if timestep_map is None else timestep_map
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.alphas_cumprod_prev = F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0)
+        # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance)
+        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        # the variance is 0 at t = 0: clip its log to the t = 1 value
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * (1 - self.betas).sqrt() / (1 - self.alphas_cumprod)
+
+    def respace(self, steps):
+        """A schedule with `steps` evenly spaced steps of this one (improved-DDPM's space_timesteps)."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"the number of sampling steps must be in [1, {self.num_timesteps}], got {steps}")
+        stride = (self.num_timesteps - 1) / (steps - 1) if steps > 1 else 0
+        keep = sorted({round(i * stride) for i in range(steps)})
+        acp = self.alphas_cumprod[keep]
+        betas = 1 - acp / F.pad(acp[:-1], (1, 0), value=1.0)   # so that the kept alphas_cumprod are unchanged
+        return Diffusion(betas=betas, timestep_map=self.timestep_map[keep])
+
+    @staticmethod
+    def _at(table, t, x):
+        """table[t] shaped to broadcast against x (b, ...), in x's dtype."""
+        return table.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(acp_t) x_0 + sqrt(1 - acp_t) eps"""
+        return self._at(self.alphas_cumprod.sqrt(), t, x0) * x0 + self._at((1 - self.alphas_cumprod).sqrt(), t, x0) * noise
+
+    def p_mean_variance(self, model_out, x_t, t, clip_denoised=False):
+        """From the network output at step index t: predicted x_0, and the mean and log-variance of
+        p(x_{t-1} | x_t). Without learned sigma, the fixed "large" variance beta_t (DiT's default)."""
+        c = x_t.shape[1]
+        if model_out.shape[1] == 2 * c:
+            eps, v = model_out.split(c, dim=1)
+            min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
+            max_log = self._at(torch.log(self.betas), t, x_t)
+            frac = (v + 1) / 2                                   # v in [-1, 1] -> [0, 1]
+            log_var = frac * max_log + (1 - frac) * min_log
+        elif model_out.shape[1] == c:
+            eps = model_out
+            large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+            log_var = self._at(torch.log(large), t, x_t).expand_as(x_t)
+        else:
+            raise ValueError(f"the model returned {model_out.shape[1]} channels for {c}-channel inputs; "
+                             f"expected {c} or {2 * c} (with learned sigma)")
+        x0 = self._at((1 / self.alphas_cumprod).sqrt(), t, x_t) * x_t - self._at((1 / self.alphas_cumprod - 1).sqrt(), t, x_t) * eps
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, log_var, x0, eps
+
+    def vb_terms_bpd(self, model_out, x0, x_t, t):
+        """The VLB term in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and
+        the decoder's negative log-likelihood of x_0 at t = 0, each averaged over non-batch dims. (b,)"""
+        true_mean = self._at(self.posterior_mean_coef1, t, x0) * x0 + self._at(self.posterior_mean_coef2, t, x0) * x_t
+        true_log_var = self._at(self.posterior_log_variance_clipped, t, x0)
+        mean, log_var, _, _ = self.p_mean_variance(model_out, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def training_loss(self, model, x0, y=None, t=None, noise=None):
+        """The hybrid loss of improved-DDPM / DiT: mean over the batch of MSE(eps) + (with learned sigma)
+        the VLB term computed with eps detached, so that the VLB trains only the variance."""
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)                                              # (b, c, h, w)
+        out = model(x_t, self.timestep_map.to(t.device)[t], y)                         # (b, c or 2c, h, w)
+        out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+        c = x0.shape[1]
+        loss = mean_flat((noise - out[:, :c]) ** 2)                                    # (b,)
+        if out.shape[1] == 2 * c:
+            frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
+            loss = loss + self.vb_terms_bpd(frozen, x0, x_t, t)
+        return loss.mean()
+
+    @torch.no_grad()
+    def sample(self, model_fn, shape, y=None, steps=None, sampler="ddpm", cfg_scale=1.0, null_label=None,
+               generator=None, progress=False, clip_denoised=False, eta=0.0, device=None):
+        """Draw samples. model_fn(x, t, y) returns what DiS.forward returns and is called with the training
+        timesteps (0..999). sampler "ddpm": ancestral sampling over `steps` respaced steps (default 250);
+        "ddim": deterministic for eta = 0 (default 50 steps). With labels y and cfg_scale != 1, classifier-
+        free guidance: the conditional and null-label halves run in one batch, and every noise channel
+        is guided; the variance comes from the conditional half. clip_denoised: clamp the predicted x_0
+        to [-1, 1] (right for pixels, wrong for latents)."""
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        steps = steps or (250 if sampler == "ddpm" else 50)
+        num_classes = getattr(model_fn, "num_classes", None)
+        if y is not None and num_classes is not None:
+            check_labels(y, num_classes)
+        guided = cfg_scale != 1.0
+        if guided and y is None:
+            raise ValueError("classifier-free guidance (cfg_scale != 1) needs class labels y; "
+                             "use cfg_scale=1.0 for an unconditional model")
+        if guided:
+            null_label = num_classes if null_label is None else null_label
+            if null_label is None:
+                raise ValueError("cfg_scale != 1 needs null_label, or a model_fn with a num_classes attribute")
+        if device is None:
+            device = generator.device if generator is not None else (y.device if y is not None else "cpu")
+        schedule = self.respace(steps)
+        x = torch.randn(shape, generator=generator, device=device)
+        c = shape[1]
+        indices = range(schedule.num_timesteps - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+            indices = tqdm(indices, desc=f"{sampler} sampling")
+        for i in indices:
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            t_model = schedule.timestep_map.to(device)[t]
+            if guided:
+                out = model_fn(torch.cat([x, x]), torch.cat([t_model, t_model]),
+                               torch.cat([y, torch.full_like(y, null_label)]))
+                cond, uncond = out.float().chunk(2)
+                eps = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
+                out = torch.cat([eps, cond[:, c:]], dim=1)
+            else:
+                out = model_fn(x, t_model, y).float()
+            out = out.to(x.dtype)
+            mean, log_var, x0, eps = schedule.p_mean_variance(out, x, t, clip_denoised)
+            noise = torch.randn(shape, generator=generator, device=device, dtype=x.dtype) if (i > 0) else 0
+            if sampler == "ddpm":
+                x = mean + (torch.exp(0.5 * log_var) * noise if i > 0 else 0)
+            else:  # DDIM (Song et al.), eps recomputed from the (possibly clipped) x_0
+                acp, acp_prev = self._ddim_tables(schedule, t, x)
+                eps = (x * (1 / acp).sqrt() - x0) / (1 / acp - 1).sqrt()
+                sigma = eta * ((1 - acp_prev) / (1 - acp)).sqrt() * (1 - acp / acp_prev).sqrt()
+                x = x0 * acp_prev.sqrt() + (1 - acp_prev - sigma ** 2).sqrt() * eps + (sigma * noise if i > 0 else 0)
+        return x
+
+    @staticmethod
+    def _ddim_tables(schedule, t, x):
+        return schedule._at(schedule.alphas_cumprod, t, x), schedule._at(schedule.alphas_cumprod_prev, t, x)
+
+
+def check_labels(y, num_classes):
+    """Labels given to sample() or the scripts must be real classes; the null label is internal."""
+    if num_classes == 0:
+        raise ValueError("this model is unconditional (num_classes=0): give no class labels")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"class labels must be in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}")
