@@ -31,8 +31,7 @@ PRESETS = {
                    models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt"])],
                    peer=(32, 3, 8), sample=("DiS-T/4", 32, 1, 16)),
     "gpu": dict(scans=[(128, 736, 258, 16), (128, 736, 1026, 16)],
-                models=[("DiS-S/2", 32, 3, 0, 128, ["lean", "lean+compile", "lean+ckpt", "ref"]),
-                        ("DiS-B/2", 32, 3, 0, 128, ["lean"]),
+                models=[("DiS-S/2", 32, 3, 0, 128, ["lean", "lean+compile", "lean+ckpt"]),
                         ("DiS-S/2", 32, 4, 1000, 128, ["lean"]),   # 256px latents
                         ("DiS-H/2", 32, 4, 1000, 8, ["lean+ckpt", "lean"])],
                 peer=(32, 3, 128), sample=("DiS-S/2", 32, 3, 128)),
@@ -123,7 +122,10 @@ def in_subprocess(kind, args, case):
     """Run one case in a fresh interpreter; returns its JSON result (or an error string)."""
     cmd = [sys.executable, __file__, "--_case", json.dumps({"kind": kind, "case": case}), "--device", args.device,
            "--repeats", str(args.repeats)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {args.case_timeout} s"}
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
     except Exception:
@@ -260,6 +262,7 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tables", default="scan,model,peer,size", help="comma-separated subset to run")
+    p.add_argument("--case-timeout", type=int, default=900, help="seconds allowed to one measurement")
     p.add_argument("--markdown", default=None, help="also write the tables to this markdown file")
     p.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
