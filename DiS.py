@@ -67,6 +67,11 @@ def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError("selective_scan: complex A is not supported (DiS uses real A)")
 
 
+def _no_autocast(u):
+    # The scan runs in float32 under bf16/fp16 autocast too (its inputs are upcast in _discretize).
+    return torch.autocast(u.device.type if u.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu", enabled=False)
+
+
 def _discretize(u, delta, A, B, delta_bias, delta_softplus):
     """Shared first step: the step size dt and the per-token input dt * B * u, all in the compute dtype."""
     dtype = _scan_dtype(u)
@@ -131,7 +136,7 @@ class _LeanScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
-        with torch.autocast(u.device.type, enabled=False):
+        with _no_autocast(u):
             u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
             dt_l, u_l = dt.permute(2, 0, 1).contiguous(), u32.permute(2, 0, 1).contiguous()    # (l, b, d)
             B_l, C_l = B32.permute(2, 0, 1).contiguous(), C.to(u32.dtype).permute(2, 0, 1).contiguous()  # (l, b, n)
@@ -152,7 +157,7 @@ class _LeanScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):
         u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
-        with torch.autocast(u.device.type, enabled=False):
+        with _no_autocast(u):
             u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, ctx.delta_softplus)
             C32, g_out = C.to(u32.dtype), g_out.to(u32.dtype)
             D32 = D.to(u32.dtype)[:, None] if D is not None else None                  # (d, 1)
@@ -222,12 +227,15 @@ SCAN_BACKEND = "auto"
 TORCH_SCAN = selective_scan_lean   # the PyTorch scan used off the kernel; selective_scan_ref to debug
 
 
+KERNEL_DEVICE = "cuda"   # where mamba-ssm's kernel runs (the tests point it at "cpu" with a stand-in kernel)
+
+
 def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None):
     """True when mamba-ssm's CUDA kernel is installed and accepts these tensors."""
     if mamba_selective_scan_fn is None:
         return False
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-    return (all(t.is_cuda for t in tensors)
+    return (all(t.device.type == KERNEL_DEVICE for t in tensors)
             and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and A.shape[-1] <= 256
             and all(t.dtype == torch.float32 for t in (A, D, delta_bias) if t is not None)
@@ -600,9 +608,9 @@ class Diffusion:
 
     def respace(self, steps):
         """A schedule with `steps` evenly spaced steps of this one (improved-DDPM's space_timesteps)."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"the number of sampling steps must be in [1, {self.num_timesteps}], got {steps}")
-        stride = (self.num_timesteps - 1) / (steps - 1) if steps > 1 else 0
+        if not 2 <= steps <= self.num_timesteps:
+            raise ValueError(f"the number of sampling steps must be in [2, {self.num_timesteps}], got {steps}")
+        stride = (self.num_timesteps - 1) / (steps - 1)
         keep = sorted({round(i * stride) for i in range(steps)})
         acp = self.alphas_cumprod[keep]
         betas = 1 - acp / F.pad(acp[:-1], (1, 0), value=1.0)   # so that the kept alphas_cumprod are unchanged

@@ -1,0 +1,475 @@
+"""Tests for DiS.py, train.py and sample.py. Run: pytest test_dis.py  (about 5 minutes on a 2-core CPU).
+Under DIS_CI=1 a test that would skip for a missing optional package fails instead (CUDA and mamba-ssm excepted)."""
+import gzip
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import DiS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CI = os.environ.get("DIS_CI") == "1"
+
+
+def need(module):
+    """Import an optional test dependency: skip without it, except on CI, where it must be installed."""
+    if CI:
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+#################################################################################
+#                                 Selective scan                                #
+#################################################################################
+
+def naive_scan(u, delta, A, B, C, D, z, delta_bias, softplus):
+    """The recurrence written out element by element in float64: the ground truth."""
+    b, d, l = u.shape
+    out = torch.zeros(b, d, l, dtype=torch.float64)
+    for i in range(b):
+        for j in range(d):
+            h = torch.zeros(A.shape[1], dtype=torch.float64)
+            for t in range(l):
+                dt = delta[i, j, t] + (delta_bias[j] if delta_bias is not None else 0)
+                dt = torch.log1p(torch.exp(dt)) if softplus else dt
+                h = torch.exp(dt * A[j]) * h + dt * B[i, :, t] * u[i, j, t]
+                y = (h * C[i, :, t]).sum() + (D[j] * u[i, j, t] if D is not None else 0)
+                out[i, j, t] = y * (z[i, j, t] * torch.sigmoid(z[i, j, t]) if z is not None else 1)
+    return out
+
+
+def scan_inputs(b, d, l, n, dtype=torch.float64, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+    t = dict(u=r(b, d, l), delta=r(b, d, l) * 0.5, A=-torch.rand(d, n, generator=g, dtype=torch.float64).to(dtype) * 3,
+             B=r(b, n, l), C=r(b, n, l), D=r(d), z=r(b, d, l), delta_bias=r(d) * 0.3)
+    return {k: v.requires_grad_(requires_grad) for k, v in t.items()}
+
+
+SCANS = {"ref": DiS.selective_scan_ref, "lean": DiS.selective_scan_lean,
+         "lean_chunk3": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=3, **k),
+         "lean_chunk64": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=64, **k)}
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 4), (2, 3, 7, 4), (1, 2, 20, 3)])
+@pytest.mark.parametrize("name", list(SCANS))
+@pytest.mark.parametrize("extras", ["all", "none"])
+def test_scan_equals_naive_float64_recurrence(shape, name, extras):
+    x = scan_inputs(*shape)
+    if extras == "none":
+        x["D"] = x["z"] = x["delta_bias"] = None
+    softplus = extras == "all"
+    out = SCANS[name](x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
+                      delta_bias=x["delta_bias"], delta_softplus=softplus)
+    expected = naive_scan(*(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), softplus)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    leaves = [v for v in x.values() if v is not None]
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(expected, leaves, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk,l", [(1, 5), (3, 7), (8, 8), (4, 1)])
+def test_lean_scan_gradcheck(chunk, l):
+    x = scan_inputs(2, 3, l, 2)
+    fn = lambda *a: DiS.selective_scan_lean(*a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=True, chunk=chunk)
+    assert torch.autograd.gradcheck(fn, tuple(x.values()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_variants_equal_default_and_keep_dtype(dtype):
+    x = scan_inputs(2, 16, 37, 8, dtype=dtype)
+    outs, grads = [], []
+    for fn in SCANS.values():
+        out = fn(x["u"], x["delta"], x["A"].float(), x["B"], x["C"], D=x["D"].float(), z=x["z"],
+                 delta_bias=x["delta_bias"].float(), delta_softplus=True)
+        assert out.dtype == dtype
+        outs.append(out.float())
+        grads.append(torch.autograd.grad(out.float().sum(), [x["u"], x["delta"], x["B"], x["C"], x["z"]]))
+    # every path computes in float32, so they agree far better than the input precision
+    for o, g in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(o, outs[0], rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-4)
+        for a, b in zip(g, grads[0]):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
+
+
+def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
+    calls = []
+
+    def stand_in(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        calls.append(u.shape)
+        return DiS.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    monkeypatch.setattr(DiS, "mamba_selective_scan_fn", stand_in)
+    monkeypatch.setattr(DiS, "KERNEL_DEVICE", "cpu")
+    x = scan_inputs(1, 4, 5, 3, dtype=torch.float32, requires_grad=False)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
+    kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
+    DiS.selective_scan(*args, **kw)
+    assert len(calls) == 1                                            # auto: the kernel
+    DiS.selective_scan(*args, backend="torch", **kw)
+    assert len(calls) == 1                                            # forced PyTorch
+    x64 = scan_inputs(1, 4, 5, 3, requires_grad=False)
+    DiS.selective_scan(x64["u"], x64["delta"], x64["A"].float(), x64["B"], x64["C"], delta_softplus=True)
+    assert len(calls) == 1                                            # float64 input: PyTorch
+    u_strided = x["u"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, last dim not contiguous
+    DiS.selective_scan(u_strided, *args[1:], **kw)
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="mamba_ssm"):
+        DiS.selective_scan(x64["u"], x64["delta"], x64["A"], x64["B"], x64["C"], backend="mamba_ssm")
+    monkeypatch.setattr(DiS, "SCAN_BACKEND", "torch")
+    DiS.selective_scan(*args, **kw)
+    assert len(calls) == 1                                            # the module switch
+    monkeypatch.setattr(DiS, "mamba_selective_scan_fn", None)
+    with pytest.raises(RuntimeError, match="not installed"):
+        DiS.selective_scan(*args, backend="mamba_ssm", **kw)
+
+
+@pytest.mark.skipif(DiS.mamba_selective_scan_fn is None or not torch.cuda.is_available(),
+                    reason="needs mamba-ssm and CUDA")
+def test_mamba_ssm_kernel_equals_pytorch():
+    x = {k: v.detach().float().cuda().requires_grad_() for k, v in scan_inputs(2, 64, 100, 16).items()}
+    a = DiS.selective_scan(*(x[k] for k in ("u", "delta", "A", "B", "C")), D=x["D"], z=x["z"],
+                           delta_bias=x["delta_bias"], delta_softplus=True, backend="mamba_ssm")
+    b = DiS.selective_scan(*(x[k] for k in ("u", "delta", "A", "B", "C")), D=x["D"], z=x["z"],
+                           delta_bias=x["delta_bias"], delta_softplus=True, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_scan_rejects_bad_shapes():
+    x = scan_inputs(2, 3, 5, 4, requires_grad=False)
+    with pytest.raises(ValueError, match="B has shape"):
+        DiS.selective_scan(x["u"], x["delta"], x["A"], x["B"][:, :, :4], x["C"])
+    with pytest.raises(ValueError, match="delta_bias"):
+        DiS.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], delta_bias=torch.zeros(2, dtype=torch.float64))
+
+
+#################################################################################
+#                                 Mixer and model                               #
+#################################################################################
+
+def test_mixer_runs_both_directions():
+    torch.manual_seed(0)
+    mixer = DiS.BiMamba(32, n_layer=2).double()
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, -1] += 1.0                                      # change only the last token
+    first = lambda inp: mixer(inp)[:, 0]
+    assert (first(x) - first(x2)).abs().max() > 1e-6      # the first output sees it: the backward branch ran
+    x3 = x.clone()
+    x3[:, 0] += 1.0
+    assert (mixer(x)[:, -1] - mixer(x3)[:, -1]).abs().max() > 1e-6
+    # and the mixer's init matches upstream Mamba
+    for ssm in (mixer.forward_ssm, mixer.backward_ssm):
+        torch.testing.assert_close(ssm.A_log[0].exp(), torch.arange(1, 17, dtype=torch.float64))
+        dt = torch.nn.functional.softplus(ssm.dt_proj.bias)
+        assert dt.min() >= 1e-4 - 1e-12 and dt.max() <= 0.1 + 1e-9
+        assert ssm.dt_proj.weight.abs().max() <= 2 ** -0.5
+
+
+def test_model_first_output_depends_on_last_patch():
+    torch.manual_seed(0)
+    m = tiny_model(num_classes=0)
+    with torch.no_grad():
+        m.final_layer.linear.weight.normal_()               # non-zero head, so outputs are not all 0
+    m.eval()
+    x = torch.randn(1, 3, 16, 16)
+    x2 = x.clone()
+    x2[..., -4:, -4:] += 1                                  # the last patch
+    t = torch.tensor([10])
+    assert (m(x, t)[..., :4, :4] - m(x2, t)[..., :4, :4]).abs().max() > 1e-6
+
+
+def tiny_model(num_classes=0, in_channels=3, learn_sigma=True, image_size=16):
+    return DiS.create_model("DiS-T/4", image_size=image_size, in_channels=in_channels, num_classes=num_classes,
+                            learn_sigma=learn_sigma)
+
+
+PARAMS_32x32x3 = {"S": 28.49, "B": 119.20, "M": 229.45, "L": 404.11, "H": 900.69}
+PARAMS_LATENT = {"S": 29.13, "B": 121.16, "M": 231.41, "L": 407.25, "H": 906.97}
+
+
+@pytest.mark.parametrize("size", list(PARAMS_32x32x3))
+def test_parameter_counts_match_official(size):
+    with torch.device("meta"):
+        a = DiS.DiS_models[f"DiS-{size}/2"](image_size=32, in_channels=3)
+        b = DiS.DiS_models[f"DiS-{size}/2"](image_size=32, in_channels=4, num_classes=1000)
+    for m, want in ((a, PARAMS_32x32x3[size]), (b, PARAMS_LATENT[size])):
+        got = sum(p.numel() for p in m.parameters()) / 1e6
+        assert abs(got / want - 1) < 0.005, (size, got, want)
+
+
+def test_every_registered_model_builds_and_runs_on_meta():
+    assert len(DiS.DiS_models) == 12
+    for name, build in DiS.DiS_models.items():
+        with torch.device("meta"):
+            m = build(image_size=32, in_channels=4, num_classes=10)
+            out = m(torch.zeros(2, 4, 32, 32), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+        assert out.shape == (2, 8, 32, 32), name
+
+
+@pytest.mark.parametrize("num_classes,learn_sigma", [(0, True), (10, True), (10, False)])
+def test_output_is_zero_at_init_and_has_the_right_shape(num_classes, learn_sigma):
+    torch.manual_seed(0)
+    m = tiny_model(num_classes, in_channels=3, learn_sigma=learn_sigma)
+    y = torch.randint(0, 10, (3,)) if num_classes else None
+    out = m(torch.randn(3, 3, 16, 16), torch.randint(0, 1000, (3,)), y)
+    assert out.shape == (3, 6 if learn_sigma else 3, 16, 16)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_null_label_only_under_dropout_or_guidance():
+    torch.manual_seed(0)
+    m = tiny_model(num_classes=10)
+    seen = []
+    m.label_embed.embedding_table.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    y = torch.arange(10).repeat(20)                                  # 200 labels
+    x, t = torch.randn(200, 3, 16, 16), torch.zeros(200, dtype=torch.long)
+    m.eval()
+    m(x, t, y)
+    assert torch.equal(seen[-1], y)                                  # eval: labels untouched
+    m.train()
+    m(x, t, y)
+    dropped = seen[-1] == 10
+    assert 0 < dropped.sum() < 60 and torch.equal(seen[-1][~dropped], y[~dropped])  # about 10% dropped
+    m.label_embed.dropout_prob = 1.0
+    m(x, t, y)
+    assert (seen[-1] == 10).all()
+
+
+def test_grad_checkpoint_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = tiny_model(num_classes=10)
+    with torch.no_grad():
+        m.final_layer.linear.weight.normal_(std=0.1)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 2])
+    grads = []
+    for ckpt in (False, True):
+        m.grad_checkpoint = ckpt
+        torch.manual_seed(1)                                          # same drop-path and label dropout
+        m.zero_grad()
+        m(x, t, y).square().sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_flop_counter_matmul_part_matches_torch(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+    for num_classes in (0, 10):
+        m = tiny_model(num_classes=num_classes)
+        counted = DiS.count_flops(m, batch=2)
+        monkeypatch.setattr(DiS, "selective_scan", lambda u, *a, **k: u)   # leave the scan out
+        y = torch.zeros(2, dtype=torch.long) if num_classes else None
+        with FlopCounterMode(display=False) as fc:
+            m(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long), y)
+        monkeypatch.undo()
+        assert counted["matmul"] == fc.get_total_flops()
+        e, L = 2 * m.hidden_size, m.extras + m.num_patches
+        assert counted["scan"] == 2 * (m.depth + 1) * 2 * e * L * (7 * 16 + 8)
+
+
+def test_bad_model_inputs_raise():
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        DiS.create_model("DiS-T/4", image_size=30)
+    with pytest.raises(ValueError, match="DiS-S/2"):
+        DiS.create_model("DiS-X/2")
+    m = tiny_model(num_classes=10)
+    t = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(b, 3, 16, 16\)"):
+        m(torch.randn(1, 1, 16, 16), t, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs labels"):
+        m(torch.randn(1, 3, 16, 16), t)
+    with pytest.raises(ValueError, match="takes none"):
+        tiny_model(num_classes=0)(torch.randn(1, 3, 16, 16), t, torch.zeros(1, dtype=torch.long))
+
+
+#################################################################################
+#                                   Diffusion                                   #
+#################################################################################
+
+def test_schedule_values():
+    d = DiS.Diffusion()
+    assert d.betas.dtype == d.alphas_cumprod.dtype == torch.float64 and len(d.betas) == 1000
+    assert d.betas[0].item() == pytest.approx(1e-4) and d.betas[-1].item() == pytest.approx(0.02)
+    assert d.betas[500].item() == pytest.approx(1e-4 + 500 * (0.02 - 1e-4) / 999)
+    prod = 1.0
+    for i in range(1000):
+        prod *= 1 - (1e-4 + i * (0.02 - 1e-4) / 999)
+    assert d.alphas_cumprod[-1].item() == pytest.approx(prod, rel=1e-9)
+    r = d.respace(10)
+    assert r.timestep_map.tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    torch.testing.assert_close(r.alphas_cumprod, d.alphas_cumprod[r.timestep_map])
+
+
+def std_normal_cdf_approx(v):
+    return 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
+
+
+@pytest.mark.parametrize("t", [0, 500])
+def test_training_loss_against_hand_computation(t):
+    d = DiS.Diffusion()
+    x0 = torch.tensor([[[[0.5, -1.0], [1.0, 0.2]]]], dtype=torch.float64)      # (1, 1, 2, 2)
+    noise = torch.tensor([[[[0.3, -0.7], [1.1, 0.0]]]], dtype=torch.float64)
+    eps_hat = torch.tensor([[[[0.1, -0.5], [0.9, 0.4]]]], dtype=torch.float64)
+    v = torch.tensor([[[[0.2, -0.6], [1.0, -1.0]]]], dtype=torch.float64)
+    model = lambda x, tt, y: torch.cat([eps_hat, v], dim=1)
+    loss = d.training_loss(model, x0, t=torch.tensor([t]), noise=noise).item()
+
+    beta = [1e-4 + i * (0.02 - 1e-4) / 999 for i in range(1000)]
+    abar = [math.prod(1 - b for b in beta[:i + 1]) for i in range(1000)]
+    abar_prev = 1.0 if t == 0 else abar[t - 1]
+    post_var = lambda i: beta[i] * (1 - (abar[i - 1] if i else 1.0)) / (1 - abar[i])
+    min_log = math.log(post_var(1) if t == 0 else post_var(t))
+    max_log = math.log(beta[t])
+    mse, vb = 0.0, 0.0
+    for x, n, e, vv in zip(x0.flatten().tolist(), noise.flatten().tolist(), eps_hat.flatten().tolist(), v.flatten().tolist()):
+        mse += (n - e) ** 2 / 4
+        xt = math.sqrt(abar[t]) * x + math.sqrt(1 - abar[t]) * n
+        c1 = beta[t] * math.sqrt(abar_prev) / (1 - abar[t])
+        c2 = (1 - abar_prev) * math.sqrt(1 - beta[t]) / (1 - abar[t])
+        x0_hat = (xt - math.sqrt(1 - abar[t]) * e) / math.sqrt(abar[t])
+        mean, true_mean = c1 * x0_hat + c2 * xt, c1 * x + c2 * xt
+        frac = (vv + 1) / 2
+        log_var = frac * max_log + (1 - frac) * min_log
+        if t == 0:
+            s = math.exp(-0.5 * log_var)
+            if x < -0.999:
+                p = std_normal_cdf_approx(s * (x - mean + 1 / 255))
+            elif x > 0.999:
+                p = 1 - std_normal_cdf_approx(s * (x - mean - 1 / 255))
+            else:
+                p = std_normal_cdf_approx(s * (x - mean + 1 / 255)) - std_normal_cdf_approx(s * (x - mean - 1 / 255))
+            vb += -math.log(max(p, 1e-12)) / math.log(2) / 4
+        else:
+            true_log_var = min_log
+            kl = 0.5 * (-1 + log_var - true_log_var + math.exp(true_log_var - log_var)
+                        + (true_mean - mean) ** 2 * math.exp(-log_var))
+            vb += kl / math.log(2) / 4
+    assert loss == pytest.approx(mse + vb, rel=1e-9)
+
+
+def test_vlb_trains_only_the_variance():
+    d = DiS.Diffusion()
+    out = torch.randn(2, 2, 4, 4, requires_grad=True)
+    loss = d.training_loss(lambda x, t, y: out, torch.rand(2, 1, 4, 4) * 2 - 1, t=torch.tensor([3, 600]))
+    loss.backward()
+    x0 = torch.zeros(2, 1, 4, 4)
+    out.grad = None
+    noise = torch.randn_like(x0)
+    mse_only = DiS.mean_flat((noise - out[:, :1]) ** 2).mean()
+    d.training_loss(lambda x, t, y: out, x0, t=torch.tensor([3, 600]), noise=noise).backward()
+    g_eps = out.grad[:, :1].clone()
+    out.grad = None
+    mse_only.backward()
+    torch.testing.assert_close(g_eps, out.grad[:, :1])                 # the eps gradient is the MSE's alone
+
+
+def test_loss_decreases_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    m = tiny_model(num_classes=0)
+    d = DiS.Diffusion()
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    t, noise = torch.tensor([50, 300, 600, 900]), torch.randn(4, 3, 16, 16)
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        loss = d.training_loss(m, x0, t=t, noise=noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+class AnalyticPredictor:
+    """The exact noise predictor when the data set is the single point x0: eps = (x_t - sqrt(abar) x0) / sqrt(1-abar).
+    Called with training timesteps, as a DiS model; returns zero variance channels."""
+    num_classes = 0
+
+    def __init__(self, x0):
+        self.x0, self.abar, self.calls = x0, DiS.Diffusion().alphas_cumprod, []
+
+    def __call__(self, x, t, y):
+        self.calls.append(t.clone())
+        a = self.abar[t].to(x.dtype).view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 50), ("ddpm", 50), ("ddpm", 1000), ("ddim", 2)])
+def test_samplers_recover_the_single_data_point(sampler, steps):
+    x0 = torch.tensor([0.7, -0.3, 0.1, -0.9], dtype=torch.float64).view(1, 1, 2, 2)
+    fn = AnalyticPredictor(x0)
+    g = torch.Generator().manual_seed(0)
+    x = DiS.Diffusion().sample(fn, (1, 1, 2, 2), steps=steps, sampler=sampler, generator=g)
+    torch.testing.assert_close(x.double(), x0, rtol=0, atol=1e-4)
+    assert len(fn.calls) == steps                                      # respacing really skips network calls
+    used = torch.stack(fn.calls)[:, 0]
+    assert used[0] == 999 and used[-1] == 0 and used.max() <= 999     # training timesteps, not indices
+
+
+def test_samplers_shapes_and_reproducibility():
+    m = tiny_model(num_classes=0).eval()
+    d = DiS.Diffusion()
+    for sampler in ("ddpm", "ddim"):
+        a = d.sample(m, (2, 3, 16, 16), steps=3, sampler=sampler, generator=torch.Generator().manual_seed(1))
+        b = d.sample(m, (2, 3, 16, 16), steps=3, sampler=sampler, generator=torch.Generator().manual_seed(1))
+        c = d.sample(m, (2, 3, 16, 16), steps=3, sampler=sampler, generator=torch.Generator().manual_seed(2))
+        assert a.shape == (2, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_guidance_uses_null_label_and_guides_every_channel():
+    seen = []
+
+    def fn(x, t, y):                          # "noise" = label value on all 4 channels, variance = +1 / -1
+        seen.append(y.clone())
+        eps = y.float().view(-1, 1, 1, 1).expand(-1, 4, 2, 2)
+        var = torch.where(y == 7, -1.0, 1.0).view(-1, 1, 1, 1).expand(-1, 4, 2, 2)
+        return torch.cat([eps, var], 1)
+    fn.num_classes = 7
+    d = DiS.Diffusion()
+    schedule = d.respace(2)
+    y = torch.tensor([2, 5])
+    captured = {}
+    orig = DiS.Diffusion.p_mean_variance
+
+    def spy(self, out, x, t, clip=False):
+        captured["out"] = out.clone()
+        return orig(self, out, x, t, clip)
+    DiS.Diffusion.p_mean_variance = spy
+    try:
+        d.sample(fn, (2, 4, 2, 2), y=y, steps=2, sampler="ddim", cfg_scale=3.0)
+    finally:
+        DiS.Diffusion.p_mean_variance = orig
+    assert seen[0].tolist() == [2, 5, 7, 7]                              # one batch: conditional, then null
+    eps = captured["out"][:, :4]
+    torch.testing.assert_close(eps[:, :, 0, 0], (7 + 3.0 * (y.float() - 7)).view(-1, 1).expand(-1, 4))
+    assert (captured["out"][:, 4:] == 1.0).all()                         # variance from the conditional half
+    assert schedule.num_timesteps == 2
+    # unconditional models never go through the guidance path
+    seen.clear()
+    d.sample(lambda x, t, y: (seen.append(y), torch.zeros(2, 8, 2, 2))[1], (2, 4, 2, 2), steps=2, sampler="ddim")
+    assert seen == [None, None]
+
+
+def test_sample_rejects_bad_input():
+    d = DiS.Diffusion()
+    m = tiny_model(num_classes=10).eval()
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        d.sample(m, (1, 3, 16, 16), y=torch.tensor([10]), steps=2)
+    with pytest.raises(ValueError, match="needs class labels"):
+        d.sample(tiny_model().eval(), (1, 3, 16, 16), steps=2, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        d.sample(tiny_model().eval(), (1, 3, 16, 16), y=torch.tensor([1]), steps=2)
+    with pytest.raises(ValueError, match="sampler"):
+        d.sample(m, (1, 3, 16, 16), y=torch.tensor([1]), steps=2, sampler="euler")
