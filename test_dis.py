@@ -473,3 +473,214 @@ def test_sample_rejects_bad_input():
         d.sample(tiny_model().eval(), (1, 3, 16, 16), y=torch.tensor([1]), steps=2)
     with pytest.raises(ValueError, match="sampler"):
         d.sample(m, (1, 3, 16, 16), y=torch.tensor([1]), steps=2, sampler="euler")
+
+
+#################################################################################
+#                          train.py and sample.py, end to end                   #
+#################################################################################
+# Real data: Fashion-MNIST from Debian's dataset-fashion-mnist package (CI installs it).
+
+def run_script(*args, env=None, ok=True):
+    e = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    r = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, env=e, timeout=600)
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def expect_user_error(r, *patterns):
+    """A bad input ends with one line 'error: ...' and exit code 2: no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for p in patterns:
+        assert p in last, (p, last)
+
+
+def logged_losses(run_dir):
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        return {int(line.split()[1]): line.split()[3] for line in f if line.startswith("step ")}
+
+
+FAST = ["--model", "DiS-T/4", "--global-batch-size", "8", "--num-workers", "0", "--log-every", "1", "--sample-steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def fmnist(tmp_path_factory):
+    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+        if CI:
+            pytest.fail("apt-get install dataset-fashion-mnist")
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def fmnist_run(fmnist, tmp_path_factory):
+    """One short training run on Fashion-MNIST: 4 steps, a checkpoint and a preview grid every 2."""
+    results = str(tmp_path_factory.mktemp("results"))
+    run_script("train.py", "--dataset", "fashion-mnist", "--data-path", fmnist, "--results-dir", results,
+               "--max-steps", "4", "--ckpt-every", "2", "--sample-every", "2", *FAST)
+    return os.path.join(results, "000-DiS-T-4")
+
+
+def test_train_on_fashion_mnist_writes_checkpoints_and_grids(fmnist_run):
+    assert sorted(os.listdir(os.path.join(fmnist_run, "checkpoints"))) == ["0000002.pt", "0000004.pt"]
+    assert sorted(os.listdir(os.path.join(fmnist_run, "samples"))) == ["0000002.png", "0000004.png"]
+    ckpt = torch.load(os.path.join(fmnist_run, "checkpoints", "0000004.pt"), weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["args"]["model"] == "DiS-T/4" and {"model", "ema", "opt"} <= ckpt.keys()
+    assert ckpt["config"]["in_channels"] == 1 and ckpt["config"]["input_size"] == 32
+    # the EMA warm-up makes early EMA weights follow the model, not stay at the initial ones
+    init = DiS.create_model("DiS-T/4", image_size=32, in_channels=1).final_layer.linear.weight
+    assert torch.count_nonzero(init) == 0 and torch.count_nonzero(ckpt["ema"]["final_layer.linear.weight"]) > 0
+    from PIL import Image
+    with Image.open(os.path.join(fmnist_run, "samples", "0000004.png")) as im:
+        assert im.size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)           # a 4x4 grid with 2px padding
+    assert len(logged_losses(fmnist_run)) == 4
+
+
+def test_resume_continues_the_same_loss_trajectory(fmnist, fmnist_run, tmp_path):
+    run = tmp_path / "000-resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(os.path.join(fmnist_run, "checkpoints", "0000002.pt"), run / "checkpoints")
+    run_script("train.py", "--resume", str(run / "checkpoints" / "0000002.pt"), "--max-steps", "4", "--num-workers", "0")
+    full, resumed = logged_losses(fmnist_run), logged_losses(str(run))
+    assert sorted(resumed) == [3, 4]
+    assert resumed[3] == full[3] and resumed[4] == full[4]            # bit-exact, as printed to 6 decimals
+    a = torch.load(run / "checkpoints" / "0000004.pt", weights_only=True)
+    b = torch.load(os.path.join(fmnist_run, "checkpoints", "0000004.pt"), weights_only=True)
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_sample_writes_an_npz_from_the_checkpoint(fmnist_run, tmp_path):
+    out = str(tmp_path / "s")
+    run_script("sample.py", "--ckpt", os.path.join(fmnist_run, "checkpoints", "0000004.pt"), "--num-samples", "5",
+               "--batch-size", "3", "--sampler", "ddim", "--num-sampling-steps", "3", "--out", out)
+    import numpy as np
+    d = np.load(out + ".npz")
+    assert d["arr_0"].shape == (5, 32, 32, 1) and d["arr_0"].dtype == np.uint8
+    assert d["labels"].tolist() == [-1] * 5 and os.path.exists(out + ".png")
+    r = run_script("sample.py", "--ckpt", os.path.join(fmnist_run, "checkpoints", "0000004.pt"), "--num-samples", "2",
+                   "--out", out, ok=False)
+    expect_user_error(r, "exists already")                            # never overwrites
+
+
+def make_pngs(root, classes, n, size=20):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(n):
+            a = (torch.rand(size, size + 4, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(a).save(os.path.join(root, c, f"{i}.png"))
+
+
+def test_folder_dataset_conditional_and_flat(tmp_path):
+    make_pngs(str(tmp_path / "imgs"), ["cat", "dog"], 4)
+    res = str(tmp_path / "res")
+    run_script("train.py", "--dataset", "folder", "--data-path", str(tmp_path / "imgs"), "--image-size", "16",
+               "--class-cond", "--results-dir", res, "--max-steps", "2", "--ckpt-every", "2", "--sample-every", "0", *FAST)
+    ckpt_path = os.path.join(res, "000-DiS-T-4", "checkpoints", "0000002.pt")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["config"]["num_classes"] == 2 and ckpt["config"]["input_size"] == 16
+    out = str(tmp_path / "cond")
+    run_script("sample.py", "--ckpt", ckpt_path, "--num-samples", "4", "--sampler", "ddim", "--num-sampling-steps", "2",
+               "--class-labels", "1", "--cfg-scale", "2", "--out", out)
+    import numpy as np
+    d = np.load(out + ".npz")
+    assert d["arr_0"].shape == (4, 16, 16, 3) and d["labels"].tolist() == [1, 1, 1, 1]
+    r = run_script("sample.py", "--ckpt", ckpt_path, "--class-labels", "2", "--out", str(tmp_path / "x"), ok=False)
+    expect_user_error(r, "[0, 1]")
+    # a flat folder trains an unconditional model; the next run gets the next numbered folder
+    make_pngs(str(tmp_path / "flat"), ["."], 8)
+    run_script("train.py", "--dataset", "folder", "--data-path", str(tmp_path / "flat"), "--image-size", "16",
+               "--results-dir", res, "--max-steps", "1", "--sample-every", "0", *FAST)
+    assert sorted(os.listdir(res)) == ["000-DiS-T-4", "001-DiS-T-4"]
+    r = run_script("train.py", "--dataset", "folder", "--data-path", str(tmp_path / "flat"), "--image-size", "16",
+                   "--class-cond", "--results-dir", res, "--max-steps", "1", *FAST, ok=False)
+    expect_user_error(r, "one subfolder per class")
+    r = run_script("train.py", "--dataset", "folder", "--data-path", str(tmp_path / "flat"), "--image-size", "30",
+                   "--results-dir", res, *FAST, ok=False)
+    expect_user_error(r, "patch size 4")
+
+
+def test_latents_with_a_tiny_vae(tmp_path):
+    diffusers = need("diffusers")
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                                  norm_num_groups=8, sample_size=16)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    make_pngs(str(tmp_path / "imgs"), ["a", "b"], 4)
+    lat, res = str(tmp_path / "lat"), str(tmp_path / "res")
+    run_script("train.py", "--encode-latents", "--data-path", str(tmp_path / "imgs"), "--latents-path", lat,
+               "--image-size", "16", "--vae", str(tmp_path / "vae"), "--num-workers", "0")
+    shard = torch.load(os.path.join(lat, "shard_00000.pt"), weights_only=True)
+    assert shard["latents"].shape == (8, 4, 8, 8) and shard["labels"].tolist() == [0] * 4 + [1] * 4
+    run_script("train.py", "--dataset", "latents", "--data-path", lat, "--image-size", "16", "--class-cond",
+               "--results-dir", res, "--max-steps", "2", "--ckpt-every", "2", "--sample-every", "2", *FAST)
+    ckpt_path = os.path.join(res, "000-DiS-T-4", "checkpoints", "0000002.pt")
+    assert torch.load(ckpt_path, weights_only=True)["config"]["in_channels"] == 4
+    out = str(tmp_path / "s")
+    run_script("sample.py", "--ckpt", ckpt_path, "--num-samples", "2", "--sampler", "ddim", "--num-sampling-steps", "2",
+               "--out", out)
+    import numpy as np
+    assert np.load(out + ".npz")["arr_0"].shape == (2, 16, 16, 3)          # decoded by the VAE
+    # without diffusers, only these steps fail, with the pip command
+    fake = tmp_path / "nodiffusers" / "diffusers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no diffusers here')\n")
+    r = run_script("sample.py", "--ckpt", ckpt_path, "--num-samples", "1", "--out", str(tmp_path / "t"),
+                   env={"PYTHONPATH": str(tmp_path / "nodiffusers")}, ok=False)
+    expect_user_error(r, "pip install diffusers")
+
+
+def test_ddp_two_cpu_processes_stay_identical(fmnist, tmp_path):
+    res = str(tmp_path / "res")
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train.py",
+               "--dataset", "fashion-mnist", "--data-path", fmnist, "--results-dir", res, "--max-steps", "3",
+               "--ckpt-every", "3", "--sample-every", "0", "--device", "cpu", *FAST, env={"OMP_NUM_THREADS": "1"})
+    with open(os.path.join(res, "000-DiS-T-4", "log.txt")) as f:
+        log = f.read()
+    assert "2 process(es)" in log and "replicas identical: True" in log
+    assert "shards disjoint: True" in log
+
+
+def test_bad_inputs_end_with_one_line(fmnist_run, tmp_path):
+    ckpt = os.path.join(fmnist_run, "checkpoints", "0000004.pt")
+    cases = [
+        (["train.py", "--dataset", "folder", "--data-path", str(tmp_path / "missing")], ["does not exist"]),
+        (["train.py", "--dataset", "folder", "--data-path", str(tmp_path)], ["no images"]),
+        (["train.py", "--dataset", "cifar10", "--data-path", str(tmp_path / "c10"), "--results-dir", str(tmp_path / "r")],
+         ["cifar10", "cifar-10-python.tar.gz"]),
+        (["train.py", "--dataset", "fashion-mnist", "--image-size", "64"], ["--image-size applies to"]),
+        (["train.py", "--resume", ckpt, "--model", "DiS-T/2"], ["DiS-T/4 run, not DiS-T/2"]),
+        (["train.py", "--dataset", "latents", "--data-path", str(tmp_path)], ["no latent shards"]),
+        (["sample.py", "--ckpt", str(tmp_path / "nope.pt")], ["does not exist"]),
+        (["sample.py", "--ckpt", ckpt, "--cfg-scale", "2"], ["unconditional"]),
+    ]
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    cases.append((["sample.py", "--ckpt", str(tmp_path / "text.pt")], ["not a readable checkpoint"]))
+    with open(ckpt, "rb") as f:
+        (tmp_path / "truncated.pt").write_bytes(f.read()[:5000])
+    cases.append((["sample.py", "--ckpt", str(tmp_path / "truncated.pt")], ["not a readable checkpoint"]))
+    other = torch.load(ckpt, weights_only=True)
+    other["config"]["model"] = "DiS-T/2"
+    torch.save(other, tmp_path / "other.pt")
+    cases.append((["sample.py", "--ckpt", str(tmp_path / "other.pt")], ["do not fit this model"]))
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    cases.append((["sample.py", "--ckpt", str(tmp_path / "foreign.pt")], ["not a DiS checkpoint"]))
+    for args, patterns in cases:
+        if args[0] == "train.py" and "--results-dir" not in args:
+            args = args + ["--results-dir", str(tmp_path / "r")]
+        expect_user_error(run_script(*args, ok=False), *patterns)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(fmnist, tmp_path):
+    res = str(tmp_path / "res")
+    r = run_script("train.py", "--dataset", "fashion-mnist", "--data-path", fmnist, "--results-dir", res,
+                   "--max-steps", "4", "--ckpt-every", "2", "--sample-every", "0", "--fail-at-step", "3", *FAST, ok=False)
+    expect_user_error(r, "at step 3")
+    ckpts = os.listdir(os.path.join(res, "000-DiS-T-4", "checkpoints"))
+    assert ckpts == ["0000002.pt"]
+    assert torch.load(os.path.join(res, "000-DiS-T-4", "checkpoints", "0000002.pt"), weights_only=True)["step"] == 2

@@ -37,7 +37,7 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, no traceback."""
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Train DiS (see README.md).")
     add = p.add_argument
     # data
@@ -80,7 +80,21 @@ def parse_args(argv=None):
     add("--num-workers", type=int, default=4)
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a NaN loss
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """-> (args, the names of the flags given on the command line: a resumed run keeps the rest)."""
+    args = build_parser().parse_args(argv)
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return args, set(vars(quiet.parse_args(argv)))
+
+
+# What a resumed run may change; every other flag comes from the checkpoint.
+RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "sample_every", "sample_steps", "num_workers",
+                     "device", "resume", "results_dir", "fail_at_step"}
 
 
 #################################################################################
@@ -159,6 +173,9 @@ def make_dataset(args):
     if args.dataset == "folder":
         ds, num_classes = image_folder_dataset(args.data_path, args.image_size, args.class_cond)
         return ds, True, num_classes
+    if args.image_size != 32:
+        raise UserError(f"{args.dataset} images are 32x32 (28x28 digits padded to 32); --image-size applies to "
+                        f"--dataset folder and latents only")
     if args.dataset == "fashion-mnist":
         place_debian_fashion_mnist(args.data_path)
     cls, flip, tf = {"cifar10": (tvd.CIFAR10, True, T.ToTensor()),
@@ -325,7 +342,7 @@ def to_images(x, vae=None):
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-def main(args):
+def main(args, given=()):
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
@@ -349,12 +366,14 @@ def main(args):
         ckpt_path = newest_checkpoint(args.results_dir)
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt["args"]["model"] != args.model and "--model" in sys.argv:
+        if "model" in given and ckpt["args"]["model"] != args.model:
             raise UserError(f"--resume: {ckpt_path} is a {ckpt['args']['model']} run, not {args.model}; "
                             f"drop --model or start a new run")
-        keep = {k: getattr(args, k) for k in ("max_steps", "epochs", "log_every", "ckpt_every", "sample_every",
-                                              "num_workers", "resume", "results_dir", "fail_at_step")}
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        changed = sorted(k for k in given - RESUME_MAY_CHANGE if getattr(args, k) != ckpt["args"].get(k))
+        if changed:
+            raise UserError(f"--resume keeps the run's settings; drop --{changed[0].replace('_', '-')} "
+                            f"(a resumed run may change only {', '.join(sorted(RESUME_MAY_CHANGE))})")
+        args = argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in given | {"resume"}}})
     if args.image_size is None:
         args.image_size = 256 if args.dataset == "latents" else 32
     if args.global_batch_size % world:
@@ -413,6 +432,8 @@ def main(args):
     # --- the run folder: a new numbered one, or the resumed run's own
     if ckpt_path:
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+        if rank == 0:
+            os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     else:
         run_dir = None
         if rank == 0:
@@ -466,6 +487,10 @@ def main(args):
         import torchvision.utils as vutils
         vutils.save_image(to_images(x, vae), os.path.join(run_dir, "samples", f"{step:07d}.png"), nrow=4)
 
+    if distributed:  # each process must see its own part of the data
+        firsts = [None] * world
+        dist.all_gather_object(firsts, list(sampler)[:10000])
+        log(f"shards disjoint: {len(set().union(*map(set, firsts))) == sum(map(len, firsts))}")
     log(f"args: {json.dumps(vars(args))}")
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(dataset)} training items, "
         f"{world} process(es), device {device}")
@@ -505,6 +530,7 @@ def main(args):
                 msg = (f"error: the loss became {loss_value} at step {step + 1}; stopping without saving. The "
                        f"last good checkpoint is in {run_dir}/checkpoints; try a lower --lr or --grad-clip")
                 log(msg)
+                bar.close()
                 raise UserError(msg[len("error: "):])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -532,7 +558,14 @@ def main(args):
         save(checkpoint_state())
         print(f"interrupted at step {step}; resume with --resume auto (or the checkpoint path)")
     log(f"done at step {step}")
-    if distributed:
+    if distributed:  # DDP keeps replicas equal by averaging gradients; check that it did
+        same = torch.ones((), device=device)
+        for p in model.parameters():
+            p0 = p.detach().clone()
+            dist.broadcast(p0, src=0)
+            same *= float(torch.equal(p0, p.detach()))
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        log(f"replicas identical: {bool(same.item())}")
         dist.destroy_process_group()
     if interrupted:
         sys.exit(130)
@@ -540,7 +573,7 @@ def main(args):
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
+        main(*parse_args())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
