@@ -214,10 +214,12 @@ class _LeanScan(torch.autograd.Function):
                 tb(g_C_l).to(C.dtype), g_D, g_z, g_bias, None, None)
 
 
-def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=8):
+def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=None):
     """Memory-lean PyTorch scan; same signature and result as selective_scan_ref.
-    chunk: tokens per chunk, one saved state each (the README's Performance section compares sizes)."""
+    chunk: tokens per chunk, one saved state each; by default 8 on CPU and 16 on CUDA, the fastest
+    sizes in bench.py (README, Performance)."""
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    chunk = chunk or (16 if u.is_cuda else 8)
     return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
 
 

@@ -84,7 +84,7 @@ def mambapy_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
 
 def scan_variants():
     v = {"lean (default)": DiS.selective_scan_lean, "ref (plain autograd)": DiS.selective_scan_ref}
-    for chunk in (4, 16, 64):
+    for chunk in (4, 8, 16, 64):
         v[f"lean chunk={chunk}"] = lambda *a, chunk=chunk, **k: DiS.selective_scan_lean(*a, chunk=chunk, **k)
     try:
         import mambapy.pscan  # noqa: F401
@@ -261,7 +261,7 @@ def main():
     p.add_argument("--preset", default="small", choices=list(PRESETS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tables", default="scan,model,peer,size", help="comma-separated subset to run")
+    p.add_argument("--tables", default="scan,model,sample,peer,size", help="comma-separated subset to run")
     p.add_argument("--case-timeout", type=int, default=900, help="seconds allowed to one measurement")
     p.add_argument("--markdown", default=None, help="also write the tables to this markdown file")
     p.add_argument("--_case", default=None, help=argparse.SUPPRESS)
@@ -300,6 +300,7 @@ def main():
                 print(rows[-1], flush=True)
         out.append(table("Training step (" + ("bf16 autocast" if args.device == "cuda" else "float32") + ")",
                          ["model", "input", "batch", "variant", "img/s", "step ms", "peak MB", "first step s"], rows))
+    if "sample" in wanted:
         name, size, chans, batch = preset["sample"]
         r = in_subprocess("sample", args, [name, size, chans, batch])
         out.append(table("Sampling, DDIM-50", ["model", "input", "batch", "img/s", "s per batch"],

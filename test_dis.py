@@ -684,3 +684,24 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(fmnist, tmp_path):
     ckpts = os.listdir(os.path.join(res, "000-DiS-T-4", "checkpoints"))
     assert ckpts == ["0000002.pt"]
     assert torch.load(os.path.join(res, "000-DiS-T-4", "checkpoints", "0000002.pt"), weights_only=True)["step"] == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_then_exits(fmnist, tmp_path):
+    import signal
+    import time
+    res = str(tmp_path / "res")
+    p = subprocess.Popen([sys.executable, "train.py", "--dataset", "fashion-mnist", "--data-path", fmnist,
+                          "--results-dir", res, "--max-steps", "1000", "--sample-every", "0", *FAST,
+                          "--num-workers", "1"],          # a data worker too: it must not break the shutdown
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(res, "000-DiS-T-4", "log.txt")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and "step 0000002" in open(log).read()):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    saved = os.listdir(os.path.join(res, "000-DiS-T-4", "checkpoints"))
+    assert len(saved) == 1
+    step = torch.load(os.path.join(res, "000-DiS-T-4", "checkpoints", saved[0]), weights_only=True)["step"]
+    assert 2 <= step < 1000 and saved[0] == f"{step:07d}.pt"

@@ -471,9 +471,9 @@ def main(args, given=()):
     def save(state):
         if rank == 0:
             path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-            if save_checkpoint(path, state):
-                log(f"saved checkpoint {path}")
-                print(f"\nsaved checkpoint {path}")
+            msg = f"saved checkpoint {path}" if save_checkpoint(path, state) else f"kept the existing {path}"
+            log(msg)
+            print("\n" + msg)
 
     def preview():
         if rank != 0:
