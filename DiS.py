@@ -55,6 +55,8 @@ def _scan_dtype(u):
 
 
 def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias):
+    if u.ndim != 3 or A.ndim != 2:
+        raise ValueError(f"selective_scan: u must be (b, d, l) and A (d, n), got {tuple(u.shape)} and {tuple(A.shape)}")
     b, d, l = u.shape
     n = A.shape[-1]
     expected = {"delta": (delta, (b, d, l)), "A": (A, (d, n)), "B": (B, (b, n, l)), "C": (C, (b, n, l)),
@@ -73,7 +75,7 @@ def _no_autocast(u):
 
 
 def _discretize(u, delta, A, B, delta_bias, delta_softplus):
-    """Shared first step: the step size dt and the per-token input dt * B * u, all in the compute dtype."""
+    """Shared first step: the inputs in the compute dtype, and the step size dt = softplus(delta + bias)."""
     dtype = _scan_dtype(u)
     u, delta, A, B = u.to(dtype), delta.to(dtype), A.to(dtype), B.to(dtype)
     if delta_bias is not None:
@@ -94,8 +96,8 @@ def _finish(y, u, D, z, out_dtype):
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The readable reference (mirrors mamba_ssm.ops.selective_scan_interface.selective_scan_ref).
 
-    Loops over tensor.unbind(-1): indexing x[..., t] inside the loop instead would make each step's
-    backward write a full-size zero gradient, so the backward would grow quadratically in l.
+    Loops over the tokens with tensor.unbind: indexing x[:, :, t] inside the loop instead would make each
+    step's backward write a full-size zero gradient, so the backward would grow quadratically in l.
     """
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
@@ -148,7 +150,7 @@ class _LeanScan(torch.autograd.Function):
                 starts.append(h)
                 hs = _LeanScan._states(h, *_LeanScan._chunk(dt_l, u_l, A32, B_l, s, e))  # (k, b, d, n)
                 h = hs[-1].clone()              # a copy, so the chunk's states can be freed   (b, d, n)
-                torch.matmul(hs, C_l[s:e, :, :, None], out=y[s:e, ..., None])          # <h_t, C_t>, (k, b, d, 1)
+                torch.sum(hs * C_l[s:e, :, None, :], -1, out=y[s:e])                    # <h_t, C_t>, (k, b, d)
             out = _finish(y.permute(1, 2, 0), u32, D, z, u.dtype)                       # (b, d, l)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts))  # starts: (chunks, b, d, n)
         ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
@@ -185,19 +187,25 @@ class _LeanScan(torch.autograd.Function):
                 dA, dBu = _LeanScan._chunk(dt_l, u_l, A32, B_l, s, e)                   # (k, b, d, n)
                 hs = _LeanScan._states(starts[ci], dA, dBu)      # recomputed states     (k, b, d, n)
                 if z is not None:
-                    torch.matmul(hs, C_l[s:e, :, :, None], out=y_l[s:e, ..., None])
-                # adjoint recurrence, last token first
+                    torch.sum(hs * C_l[s:e, :, None, :], -1, out=y_l[s:e])              # (k, b, d)
+                # adjoint recurrence, last token first; carry brings in the next chunk's first token
                 g_h = g_y_l[s:e, ..., None] * C_l[s:e, :, None, :]                      # (k, b, d, n)
-                for t in reversed(range(e - s)):
-                    carry = dA[t] * g_h[t].add_(carry)                                  # (b, d, n)
-                # dA_t * h_{t-1} = h_t - dBu_t; its gradient, reusing dBu's memory
-                g_dtA = torch.sub(hs, dBu, out=dBu).mul_(g_h)   # grad of dt*A in exp(dt*A), (k, b, d, n)
+                g_h[-1] += carry
+                for t in reversed(range(e - s - 1)):
+                    g_h[t].addcmul_(dA[t + 1], g_h[t + 1])                              # (b, d, n)
+                carry = dA[0] * g_h[0]                                                  # (b, d, n)
+                # Local gradients, with h_t = exp(dt_t A) h_{t-1} + (dt_t u_t) B_t and g_h_t = dLoss/dh_t:
+                #   d/d(dt_t A)  = g_h_t exp(dt_t A) h_{t-1}  -> dt_t (x A, sum over n), A (x dt_t, sum over b, t)
+                #   d/d(dt_t u_t) = <g_h_t, B_t>             -> dt_t (x u_t), u_t (x dt_t)
+                #   d/dB_t = sum_d g_h_t dt_t u_t,   d/dC_t = sum_d h_t g_y_t
+                # exp(dt_t A) h_{t-1} = h_t - dBu_t: no shifted copy of the states needed; reuse dBu's memory
+                g_dtA = torch.sub(hs, dBu, out=dBu).mul_(g_h)                           # (k, b, d, n)
                 g_A += (g_dtA * dt_l[s:e, ..., None]).sum((0, 1))                       # (d, n)
-                torch.matmul(g_h, B_l[s:e, :, :, None], out=g_dtu_l[s:e, ..., None])   # grad of dt*u, (k, b, d, 1)
+                torch.sum(g_h * B_l[s:e, :, None, :], -1, out=g_dtu_l[s:e])             # grad of dt*u, (k, b, d)
                 torch.sum(g_dtA.mul_(A32), -1, out=g_dt_l[s:e])                          # (k, b, d)
                 dtu = dt_l[s:e] * u_l[s:e]                                              # (k, b, d)
-                torch.matmul(g_h.transpose(-1, -2), dtu[..., None], out=g_B_l[s:e, ..., None])   # (k, b, n, 1)
-                torch.matmul(hs.transpose(-1, -2), g_y_l[s:e, ..., None], out=g_C_l[s:e, ..., None])  # (k, b, n, 1)
+                torch.sum(g_h * dtu[..., None], 2, out=g_B_l[s:e])                       # (k, b, n)
+                torch.sum(hs * g_y_l[s:e, ..., None], 2, out=g_C_l[s:e])                 # (k, b, n)
             tb = lambda x: x.permute(1, 2, 0)                                           # (l, b, .) -> (b, ., l)
             g_dtu = tb(g_dtu_l)                                                         # (b, d, l)
             g_dt = tb(g_dt_l) + g_dtu * u32                                             # (b, d, l)
