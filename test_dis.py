@@ -56,10 +56,13 @@ SCANS = {"ref": DiS.selective_scan_ref, "lean": DiS.selective_scan_lean,
          "lean_chunk64": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=64, **k)}
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 4), (2, 3, 7, 4), (1, 2, 20, 3)])
-@pytest.mark.parametrize("name", list(SCANS))
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 4), (2, 3, 7, 4), (1, 2, 20, 3), (2, 4, 9, 4)])
+@pytest.mark.parametrize("name", list(SCANS) + ["lean_matmul"])
 @pytest.mark.parametrize("extras", ["all", "none"])
-def test_scan_equals_naive_float64_recurrence(shape, name, extras):
+def test_scan_equals_naive_float64_recurrence(shape, name, extras, monkeypatch):
+    if name == "lean_matmul":   # the CUDA form of the lean scan's contractions, on CPU
+        monkeypatch.setattr(DiS, "MATMUL_DEVICES", ("cpu", "cuda"))
+        name = "lean_chunk3"
     x = scan_inputs(*shape)
     if extras == "none":
         x["D"] = x["z"] = x["delta_bias"] = None
@@ -78,7 +81,10 @@ def test_scan_equals_naive_float64_recurrence(shape, name, extras):
 
 
 @pytest.mark.parametrize("chunk,l", [(1, 5), (3, 7), (8, 8), (4, 1)])
-def test_lean_scan_gradcheck(chunk, l):
+@pytest.mark.parametrize("matmul", [False, True])
+def test_lean_scan_gradcheck(chunk, l, matmul, monkeypatch):
+    if matmul:   # the CUDA form of the contractions, checked here on CPU
+        monkeypatch.setattr(DiS, "MATMUL_DEVICES", ("cpu", "cuda"))
     x = scan_inputs(2, 3, l, 2)
     fn = lambda *a: DiS.selective_scan_lean(*a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=True, chunk=chunk)
     assert torch.autograd.gradcheck(fn, tuple(x.values()))
