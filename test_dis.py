@@ -1,4 +1,4 @@
-"""Tests for DiS.py, train.py and sample.py. Run: pytest test_dis.py  (about 5 minutes on a 2-core CPU).
+"""Tests for DiS.py, train.py and sample.py. Run: pytest test_dis.py  (about 3 minutes on a 2-core CPU).
 Under DIS_CI=1 a test that would skip for a missing optional package fails instead (CUDA and mamba-ssm excepted)."""
 import gzip
 import math
