@@ -353,7 +353,7 @@ def main(args, given=()):
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls: faster on Ampere+, loss curves unchanged
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls: much faster on Ampere and newer (as DiT)
         torch.backends.cudnn.allow_tf32 = True
     if args.encode_latents:
         if rank == 0:
@@ -475,6 +475,7 @@ def main(args, given=()):
             log(msg)
             print("\n" + msg)
 
+    @torch.no_grad()
     def preview():
         if rank != 0:
             return
@@ -498,8 +499,10 @@ def main(args, given=()):
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
     interrupted = False
 
-    def on_sigint(signum, frame):   # finish the current step, then save and stop
+    def on_sigint(signum, frame):   # first Ctrl-C: finish the step, save, stop; a second one: stop at once
         nonlocal interrupted
+        if interrupted:
+            signal.default_int_handler(signum, frame)
         interrupted = True
     signal.signal(signal.SIGINT, on_sigint)
     model.train()
