@@ -300,8 +300,8 @@ class SSM(nn.Module):
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        # dt_proj starts as a near-identity low-rank map, its bias such that softplus(bias) = dt with dt
-        # log-uniform in [dt_min, dt_max]: every channel starts with its own time scale.
+        # dt_proj's weight: uniform in +-dt_rank^-0.5, so its outputs start with unit scale; its bias: chosen
+        # so that softplus(bias) = dt with dt log-uniform in [dt_min, dt_max], each channel its own time scale.
         nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
         dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
@@ -316,12 +316,12 @@ class SSM(nn.Module):
         l = x.shape[-1]                                                                 # x, z: (b, d_inner, l)
         x = F.silu(self.conv1d(x)[..., :l])                                             # (b, d_inner, l)
         x_dbl = self.x_proj(rearrange(x, "b d l -> b l d"))                             # (b, l, dt_rank + 2n)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = rearrange(dt @ self.dt_proj.weight.t(), "b l d -> b d l")                  # (b, d_inner, l); bias in scan
+        delta, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = rearrange(delta @ self.dt_proj.weight.t(), "b l d -> b d l")            # (b, d_inner, l); bias in scan
         B = rearrange(B, "b l n -> b n l").contiguous()                                 # (b, n, l)
         C = rearrange(C, "b l n -> b n l").contiguous()                                 # (b, n, l)
         A = -torch.exp(self.A_log.float())                                              # (d_inner, n)
-        return selective_scan(x, dt.contiguous(), A, B, C, self.D.float(), z=z.contiguous(),
+        return selective_scan(x, delta.contiguous(), A, B, C, self.D.float(), z=z.contiguous(),
                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, d_inner, l)
 
 
@@ -567,7 +567,8 @@ def count_flops(model, batch=1):
     mm = 2 * c * p * p * d * model.num_patches                          # patch embedding
     mm += 2 * (d * 4 * d + 4 * d * d)                                   # time MLP
     per_layer = 2 * L * d * 2 * e + 2 * L * e * d                       # in_proj, out_proj
-    per_layer += 2 * (2 * e * k * (L + k - 1) + 2 * L * e * (r + 2 * n) + 2 * L * r * e)  # conv, x_proj, dt_proj, both ways
+    # per direction: the causal conv (on l + k - 1 padded outputs), x_proj, dt_proj
+    per_layer += 2 * (2 * e * k * (L + k - 1) + 2 * L * e * (r + 2 * n) + 2 * L * r * e)
     mm += layers * per_layer
     mm += (model.depth // 2) * 2 * L * 2 * d * d                        # skip linears
     if model.num_classes > 0:
@@ -645,7 +646,9 @@ class Diffusion:
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(acp_t) x_0 + sqrt(1 - acp_t) eps"""
-        return self._at(self.alphas_cumprod.sqrt(), t, x0) * x0 + self._at((1 - self.alphas_cumprod).sqrt(), t, x0) * noise
+        # the square roots are taken in float64, before the cast: 1 - acp is tiny for small t
+        signal, sigma = self._at(self.alphas_cumprod.sqrt(), t, x0), self._at((1 - self.alphas_cumprod).sqrt(), t, x0)
+        return signal * x0 + sigma * noise
 
     def p_mean_variance(self, model_out, x_t, t, clip_denoised=False):
         """From the network output at step index t: predicted x_0, and the mean and log-variance of
@@ -664,7 +667,8 @@ class Diffusion:
         else:
             raise ValueError(f"the model returned {model_out.shape[1]} channels for {c}-channel inputs; "
                              f"expected {c} or {2 * c} (with learned sigma)")
-        x0 = self._at((1 / self.alphas_cumprod).sqrt(), t, x_t) * x_t - self._at((1 / self.alphas_cumprod - 1).sqrt(), t, x_t) * eps
+        recip, recip_m1 = (self._at(v.sqrt(), t, x_t) for v in (1 / self.alphas_cumprod, 1 / self.alphas_cumprod - 1))
+        x0 = recip * x_t - recip_m1 * eps                                     # invert q_sample
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
@@ -742,19 +746,17 @@ class Diffusion:
                 out = model_fn(x, t_model, y).float()
             out = out.to(x.dtype)
             mean, log_var, x0, eps = schedule.p_mean_variance(out, x, t, clip_denoised)
-            noise = torch.randn(shape, generator=generator, device=device, dtype=x.dtype) if (i > 0) else 0
+            last = i == 0                                      # no noise is added at the last step
+            noise = 0.0 if last else torch.randn(shape, generator=generator, device=device, dtype=x.dtype)
             if sampler == "ddpm":
-                x = mean + (torch.exp(0.5 * log_var) * noise if i > 0 else 0)
+                x = mean + torch.exp(0.5 * log_var) * noise
             else:  # DDIM (Song et al.), eps recomputed from the (possibly clipped) x_0
-                acp, acp_prev = self._ddim_tables(schedule, t, x)
+                acp = schedule._at(schedule.alphas_cumprod, t, x)
+                acp_prev = schedule._at(schedule.alphas_cumprod_prev, t, x)
                 eps = (x * (1 / acp).sqrt() - x0) / (1 / acp - 1).sqrt()
                 sigma = eta * ((1 - acp_prev) / (1 - acp)).sqrt() * (1 - acp / acp_prev).sqrt()
-                x = x0 * acp_prev.sqrt() + (1 - acp_prev - sigma ** 2).sqrt() * eps + (sigma * noise if i > 0 else 0)
+                x = x0 * acp_prev.sqrt() + (1 - acp_prev - sigma ** 2).sqrt() * eps + sigma * noise
         return x
-
-    @staticmethod
-    def _ddim_tables(schedule, t, x):
-        return schedule._at(schedule.alphas_cumprod, t, x), schedule._at(schedule.alphas_cumprod_prev, t, x)
 
 
 def check_labels(y, num_classes):
@@ -762,4 +764,5 @@ def check_labels(y, num_classes):
     if num_classes == 0:
         raise ValueError("this model is unconditional (num_classes=0): give no class labels")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"class labels must be in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}")
+        raise ValueError(f"class labels must be in [0, {num_classes - 1}], "
+                         f"got values from {int(y.min())} to {int(y.max())}")
