@@ -28,7 +28,7 @@ PRESETS = {
                   models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt"])],
                   peer=(32, 3, 4), sample=("DiS-T/4", 32, 1, 16)),
     "target": dict(scans=[(8, 736, 258, 16), (8, 736, 1026, 16)],
-                   models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt"])],
+                   models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt", "lean+compile"])],
                    peer=(32, 3, 8), sample=("DiS-T/4", 32, 1, 16)),
     "gpu": dict(scans=[(128, 736, 258, 16), (128, 736, 1026, 16)],
                 models=[("DiS-S/2", 32, 3, 0, 128, ["lean", "lean+compile", "lean+ckpt"]),

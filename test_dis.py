@@ -709,3 +709,17 @@ def test_ctrl_c_saves_a_checkpoint_then_exits(fmnist, tmp_path):
     assert len(saved) == 1
     step = torch.load(os.path.join(res, "000-DiS-T-4", "checkpoints", saved[0]), weights_only=True)["step"]
     assert 2 <= step < 1000 and saved[0] == f"{step:07d}.pt"
+
+
+def test_mnist_reads_raw_idx_files_offline(fmnist, tmp_path):
+    """--dataset mnist with its raw files in place (Fashion-MNIST's share MNIST's names and format)."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in os.listdir("/usr/share/datasets/fashion-mnist"):
+        with gzip.open(os.path.join("/usr/share/datasets/fashion-mnist", gz)) as f:
+            (raw / gz[:-3]).write_bytes(f.read())
+    res = str(tmp_path / "res")
+    run_script("train.py", "--dataset", "mnist", "--data-path", str(tmp_path), "--results-dir", res,
+               "--max-steps", "1", "--sample-every", "0", *FAST)
+    ckpt = torch.load(os.path.join(res, "000-DiS-T-4", "checkpoints", "0000001.pt"), weights_only=True)
+    assert ckpt["config"]["dataset"] == "mnist" and ckpt["config"]["in_channels"] == 1
