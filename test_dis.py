@@ -723,3 +723,15 @@ def test_mnist_reads_raw_idx_files_offline(fmnist, tmp_path):
                "--max-steps", "1", "--sample-every", "0", *FAST)
     ckpt = torch.load(os.path.join(res, "000-DiS-T-4", "checkpoints", "0000001.pt"), weights_only=True)
     assert ckpt["config"]["dataset"] == "mnist" and ckpt["config"]["in_channels"] == 1
+
+
+def test_latent_shards_index_across_shards(tmp_path):
+    import train
+    lat = torch.arange(5 * 4 * 2 * 2, dtype=torch.float16).view(5, 4, 2, 2)
+    torch.save({"latents": lat[:3], "labels": torch.tensor([0, 1, 2])}, tmp_path / "shard_00000.pt")
+    torch.save({"latents": lat[3:], "labels": torch.tensor([3, 4])}, tmp_path / "shard_00001.pt")
+    ds = train.LatentShards(str(tmp_path))
+    assert len(ds) == 5
+    for i in range(5):
+        x, y = ds[i]
+        assert y == i and x.dtype == torch.float32 and torch.equal(x, lat[i].float())

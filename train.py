@@ -8,9 +8,11 @@ ImageNet latents: first encode the images once with the Stable Diffusion VAE (ne
 Everything model- and diffusion-related comes from DiS.py.
 """
 import argparse
+import bisect
 import copy
 import glob
 import gzip
+import itertools
 import json
 import math
 import os
@@ -22,7 +24,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -126,15 +127,17 @@ class LatentShards(Dataset):
         if not shards:
             raise UserError(f"no latent shards (shard_*.pt) in {root}; make them with "
                             f"python train.py --encode-latents --data-path IMAGES --latents-path {root}")
-        parts = [torch.load(s, weights_only=True, mmap=True) for s in shards]
-        self.latents = torch.cat([p["latents"] for p in parts])
-        self.labels = torch.cat([p["labels"] for p in parts])
+        # memory-mapped and never concatenated: every DDP process shares the page cache instead of a copy
+        self.parts = [torch.load(s, weights_only=True, mmap=True) for s in shards]
+        self.ends = list(itertools.accumulate(len(p["labels"]) for p in self.parts))
 
     def __len__(self):
-        return len(self.labels)
+        return self.ends[-1]
 
     def __getitem__(self, i):
-        return self.latents[i].float(), int(self.labels[i])
+        k = bisect.bisect_right(self.ends, i)                 # the shard holding item i
+        part, j = self.parts[k], i - (self.ends[k - 1] if k else 0)
+        return part["latents"][j].float(), int(part["labels"][j])
 
 
 def image_folder_dataset(path, image_size, class_cond):
@@ -169,7 +172,11 @@ def make_dataset(args):
     import torchvision.datasets as tvd
     import torchvision.transforms as T
     if args.dataset == "latents":
-        return LatentShards(args.data_path), False, latents_meta(args.data_path)["num_classes"]
+        num_classes = latents_meta(args.data_path)["num_classes"]
+        if args.class_cond and num_classes == 0:
+            raise UserError(f"--class-cond: the latents in {args.data_path} have no classes (encoded from a flat "
+                            f"folder); use --no-class-cond, or encode a folder with one subfolder per class")
+        return LatentShards(args.data_path), False, num_classes
     if args.dataset == "folder":
         ds, num_classes = image_folder_dataset(args.data_path, args.image_size, args.class_cond)
         return ds, True, num_classes
