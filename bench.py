@@ -8,7 +8,6 @@ allocator's peak; on CPU the growth of the process's peak resident set, each cas
 """
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
