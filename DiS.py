@@ -100,17 +100,18 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     step's backward write a full-size zero gradient, so the backward would grow quadratically in l.
     """
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
-    u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
-    C32 = C.to(u32.dtype)
-    dA = torch.exp(dt[..., None] * A32[:, None, :])                                # (b, d, l, n)
-    dBu = (dt * u32)[..., None] * rearrange(B32, "b n l -> b 1 l n")               # (b, d, l, n)
-    h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])                           # (b, d, n)
-    ys = []
-    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), C32.unbind(2)):
-        h = dA_t * h + dBu_t                                                       # (b, d, n)
-        ys.append(torch.einsum("bdn,bn->bd", h, C_t))                              # (b, d)
-    y = torch.stack(ys, dim=-1)                                                    # (b, d, l)
-    return _finish(y, u32, D, z, u.dtype)
+    with _no_autocast(u):
+        u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+        C32 = C.to(u32.dtype)
+        dA = torch.exp(dt[..., None] * A32[:, None, :])                            # (b, d, l, n)
+        dBu = (dt * u32)[..., None] * rearrange(B32, "b n l -> b 1 l n")           # (b, d, l, n)
+        h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])                       # (b, d, n)
+        ys = []
+        for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), C32.unbind(2)):
+            h = dA_t * h + dBu_t                                                   # (b, d, n)
+            ys.append(torch.einsum("bdn,bn->bd", h, C_t))                          # (b, d)
+        y = torch.stack(ys, dim=-1)                                                # (b, d, l)
+        return _finish(y, u32, D, z, u.dtype)
 
 
 MATMUL_DEVICES = ("cuda",)   # where the lean scan contracts with matmul rather than multiply-and-sum
@@ -724,8 +725,10 @@ class Diffusion:
             null_label = num_classes if null_label is None else null_label
             if null_label is None:
                 raise ValueError("cfg_scale != 1 needs null_label, or a model_fn with a num_classes attribute")
-        if device is None:
-            device = generator.device if generator is not None else (y.device if y is not None else "cpu")
+        if device is None:  # the generator's, else the labels', else the model's device
+            params = next(model_fn.parameters(), None) if isinstance(model_fn, nn.Module) else None
+            device = (generator.device if generator is not None else y.device if y is not None
+                      else params.device if params is not None else torch.device("cpu"))
         schedule = self.respace(steps)
         x = torch.randn(shape, generator=generator, device=device)
         c = shape[1]
@@ -751,11 +754,12 @@ class Diffusion:
             if sampler == "ddpm":
                 x = mean + torch.exp(0.5 * log_var) * noise
             else:  # DDIM (Song et al.), eps recomputed from the (possibly clipped) x_0
-                acp = schedule._at(schedule.alphas_cumprod, t, x)
-                acp_prev = schedule._at(schedule.alphas_cumprod_prev, t, x)
-                eps = (x * (1 / acp).sqrt() - x0) / (1 / acp - 1).sqrt()
-                sigma = eta * ((1 - acp_prev) / (1 - acp)).sqrt() * (1 - acp / acp_prev).sqrt()
-                x = x0 * acp_prev.sqrt() + (1 - acp_prev - sigma ** 2).sqrt() * eps + sigma * noise
+                # every sample is at the same step: the coefficients are Python floats (float64), which keeps
+                # 1 - acp exact enough near t = 0
+                acp, acp_prev = schedule.alphas_cumprod[i].item(), schedule.alphas_cumprod_prev[i].item()
+                eps = (x / math.sqrt(acp) - x0) / math.sqrt(1 / acp - 1)
+                sigma = eta * math.sqrt((1 - acp_prev) / (1 - acp) * (1 - acp / acp_prev))
+                x = x0 * math.sqrt(acp_prev) + math.sqrt(1 - acp_prev - sigma ** 2) * eps + sigma * noise
         return x
 
 

@@ -36,10 +36,14 @@ def parse_args(argv=None):
     add("--npz", action=argparse.BooleanOptionalAction, default=True, help="write the .npz")
     add("--use-ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights when present")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--vae", default=None, help="latent checkpoints: the VAE to decode with (default: the one they were "
+                                    "encoded with, a hub name or a local diffusers folder)")
     return p.parse_args(argv)
 
 
 def main(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no GPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     ckpt = load_checkpoint(args.ckpt)
     config = ckpt["config"]
@@ -64,6 +68,8 @@ def main(args):
 
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
     steps = args.num_sampling_steps or (250 if args.sampler == "ddpm" else 50)
+    if not 2 <= steps <= 1000:
+        raise UserError(f"--num-sampling-steps must be in [2, 1000], got {steps}")
     name = (f"{os.path.splitext(os.path.basename(args.ckpt))[0]}-{weights}-{args.sampler}{steps}"
             f"{f'-cfg{cfg_scale:g}' if conditional else ''}-n{args.num_samples}-seed{args.seed}")
     out = args.out or os.path.join(run_dir, "samples", name)
@@ -73,7 +79,7 @@ def main(args):
             raise UserError(f"{t} exists already; pass another --out or --seed, or remove it")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
-    vae = load_vae(config["vae"], device) if config["latents"] else None
+    vae = load_vae(args.vae or config["vae"], device) if config["latents"] else None
     diffusion = DiS.Diffusion()
     gen = torch.Generator(device).manual_seed(args.seed)
     size = (config["in_channels"], config["input_size"], config["input_size"])

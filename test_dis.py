@@ -108,6 +108,16 @@ def test_variants_equal_default_and_keep_dtype(dtype):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
 
 
+def test_every_scan_computes_in_float32_under_autocast():
+    x = scan_inputs(2, 16, 20, 8, dtype=torch.float32, requires_grad=False)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
+    kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
+    plain = DiS.selective_scan_ref(*args, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for fn in SCANS.values():
+            torch.testing.assert_close(fn(*args, **kw), plain, rtol=1e-5, atol=1e-5)
+
+
 def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
     calls = []
 
@@ -143,11 +153,13 @@ def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
                     reason="needs mamba-ssm and CUDA")
 def test_mamba_ssm_kernel_equals_pytorch():
     x = {k: v.detach().float().cuda().requires_grad_() for k, v in scan_inputs(2, 64, 100, 16).items()}
-    a = DiS.selective_scan(*(x[k] for k in ("u", "delta", "A", "B", "C")), D=x["D"], z=x["z"],
-                           delta_bias=x["delta_bias"], delta_softplus=True, backend="mamba_ssm")
-    b = DiS.selective_scan(*(x[k] for k in ("u", "delta", "A", "B", "C")), D=x["D"], z=x["z"],
-                           delta_bias=x["delta_bias"], delta_softplus=True, backend="torch")
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    outs = [DiS.selective_scan(*(x[k] for k in ("u", "delta", "A", "B", "C")), D=x["D"], z=x["z"],
+                               delta_bias=x["delta_bias"], delta_softplus=True, backend=backend)
+            for backend in ("mamba_ssm", "torch")]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)
+    g = torch.randn_like(outs[0])
+    for a, b in zip(*(torch.autograd.grad(o, list(x.values()), g) for o in outs)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
 def test_scan_rejects_bad_shapes():
@@ -365,18 +377,18 @@ def test_training_loss_against_hand_computation(t):
 
 def test_vlb_trains_only_the_variance():
     d = DiS.Diffusion()
-    out = torch.randn(2, 2, 4, 4, requires_grad=True)
-    loss = d.training_loss(lambda x, t, y: out, torch.rand(2, 1, 4, 4) * 2 - 1, t=torch.tensor([3, 600]))
-    loss.backward()
-    x0 = torch.zeros(2, 1, 4, 4)
-    out.grad = None
+    x0, t = torch.rand(2, 1, 4, 4) * 2 - 1, torch.tensor([3, 600])
     noise = torch.randn_like(x0)
-    mse_only = DiS.mean_flat((noise - out[:, :1]) ** 2).mean()
-    d.training_loss(lambda x, t, y: out, x0, t=torch.tensor([3, 600]), noise=noise).backward()
-    g_eps = out.grad[:, :1].clone()
-    out.grad = None
-    mse_only.backward()
-    torch.testing.assert_close(g_eps, out.grad[:, :1])                 # the eps gradient is the MSE's alone
+    out = torch.randn(2, 2, 4, 4, requires_grad=True)
+    d.training_loss(lambda x, tt, y: out, x0, t=t, noise=noise).backward()
+    mse = DiS.mean_flat((noise - out[:, :1]) ** 2).mean()
+    g_mse = torch.autograd.grad(mse, out)[0]
+    x_t = d.q_sample(x0, t, noise)
+    g_vb = torch.autograd.grad(d.vb_terms_bpd(out, x0, x_t, t).mean(), out)[0]
+    torch.testing.assert_close(out.grad[:, :1], g_mse[:, :1])          # eps: the MSE's gradient alone
+    assert g_vb[:, :1].abs().max() > 0                                 # (the VLB would move eps if not detached)
+    torch.testing.assert_close(out.grad[:, 1:], g_vb[:, 1:])           # variance: the VLB's gradient
+    assert out.grad[:, 1:].abs().max() > 0
 
 
 def test_loss_decreases_when_overfitting_one_batch():
@@ -422,6 +434,35 @@ def test_samplers_recover_the_single_data_point(sampler, steps):
     assert len(fn.calls) == steps                                      # respacing really skips network calls
     used = torch.stack(fn.calls)[:, 0]
     assert used[0] == 999 and used[-1] == 0 and used.max() <= 999     # training timesteps, not indices
+
+
+def test_sampler_intermediate_states_follow_the_forward_process():
+    """With the single-point data set, the exact model also gives the exact variance (v = -1: the posterior's),
+    so every DDPM state x_t is distributed as q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t), and DDIM keeps
+    (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) equal to the starting noise at every step."""
+    x0 = torch.full((1, 1, 64, 64), 0.4, dtype=torch.float64)            # 4096 independent pixels
+    abar = DiS.Diffusion().alphas_cumprod
+    seen = []
+
+    def fn(x, t, y):
+        seen.append((x.clone(), int(t[0])))
+        a = abar[t].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return torch.cat([eps, -torch.ones_like(eps)], dim=1)
+    DiS.Diffusion().sample(fn, (1, 1, 64, 64), steps=20, sampler="ddpm", generator=torch.Generator().manual_seed(0),
+                           device="cpu")
+    for x, t in seen[1:]:                                                 # after the first, noise-only state
+        mean, var = abar[t].sqrt() * 0.4, 1 - abar[t]
+        assert abs(x.mean() - mean) < 5 * (var / 4096) ** 0.5 + 1e-6, t
+        assert abs(x.var() / var - 1) < 5 * (2 / 4096) ** 0.5, t
+    seen.clear()
+    DiS.Diffusion().sample(fn, (1, 1, 64, 64), steps=20, sampler="ddim", generator=torch.Generator().manual_seed(0),
+                           device="cpu")
+    first = None
+    for x, t in seen:
+        eps = (x - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()
+        first = eps if first is None else first
+        torch.testing.assert_close(eps, first, rtol=1e-5, atol=1e-5)   # x is float32
 
 
 def test_samplers_shapes_and_reproducibility():
@@ -557,6 +598,15 @@ def test_resume_continues_the_same_loss_trajectory(fmnist, fmnist_run, tmp_path)
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_resuming_an_older_checkpoint_starts_a_new_run_folder(fmnist_run, tmp_path):
+    """The run already went on to step 4: continuing from step 2 must not mix with it."""
+    res = str(tmp_path / "res")
+    run_script("train.py", "--resume", os.path.join(fmnist_run, "checkpoints", "0000002.pt"), "--max-steps", "3",
+               "--results-dir", res, "--num-workers", "0")
+    assert sorted(os.listdir(os.path.join(fmnist_run, "checkpoints"))) == ["0000002.pt", "0000004.pt"]
+    assert os.listdir(os.path.join(res, "000-DiS-T-4", "checkpoints")) == ["0000003.pt"]
+
+
 def test_sample_writes_an_npz_from_the_checkpoint(fmnist_run, tmp_path):
     out = str(tmp_path / "s")
     run_script("sample.py", "--ckpt", os.path.join(fmnist_run, "checkpoints", "0000004.pt"), "--num-samples", "5",
@@ -650,7 +700,7 @@ def test_ddp_two_cpu_processes_stay_identical(fmnist, tmp_path):
     assert "shards disjoint: True" in log
 
 
-def test_bad_inputs_end_with_one_line(fmnist_run, tmp_path):
+def test_bad_inputs_end_with_one_line(fmnist, fmnist_run, tmp_path):
     ckpt = os.path.join(fmnist_run, "checkpoints", "0000004.pt")
     cases = [
         (["train.py", "--dataset", "folder", "--data-path", str(tmp_path / "missing")], ["does not exist"]),
@@ -659,10 +709,17 @@ def test_bad_inputs_end_with_one_line(fmnist_run, tmp_path):
          ["cifar10", "cifar-10-python.tar.gz"]),
         (["train.py", "--dataset", "fashion-mnist", "--image-size", "64"], ["--image-size applies to"]),
         (["train.py", "--resume", ckpt, "--model", "DiS-T/2"], ["DiS-T/4 run, not DiS-T/2"]),
-        (["train.py", "--dataset", "latents", "--data-path", str(tmp_path)], ["no latent shards"]),
+        (["train.py", "--dataset", "latents", "--data-path", str(tmp_path)], ["not a latents folder"]),
+        (["train.py", "--dataset", "latents", "--data-path", str(tmp_path / "lat")], ["no latent shards"]),
         (["sample.py", "--ckpt", str(tmp_path / "nope.pt")], ["does not exist"]),
         (["sample.py", "--ckpt", ckpt, "--cfg-scale", "2"], ["unconditional"]),
+        (["sample.py", "--ckpt", ckpt, "--num-sampling-steps", "1"], ["[2, 1000]"]),
+        (["train.py", "--sample-steps", "1"], ["--sample-steps must be at least 2"]),
+        (["train.py", "--max-steps", "0"], ["--max-steps must be at least 1"]),
+        (["train.py", "--dataset", "fashion-mnist", "--data-path", fmnist, "--log-every", "0"], ["--log-every"]),
     ]
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "meta.json").write_text('{"vae": "x", "image_size": 256, "num_classes": 0, "count": 0}')
     (tmp_path / "text.pt").write_text("not a checkpoint")
     cases.append((["sample.py", "--ckpt", str(tmp_path / "text.pt")], ["not a readable checkpoint"]))
     with open(ckpt, "rb") as f:
@@ -672,6 +729,9 @@ def test_bad_inputs_end_with_one_line(fmnist_run, tmp_path):
     other["config"]["model"] = "DiS-T/2"
     torch.save(other, tmp_path / "other.pt")
     cases.append((["sample.py", "--ckpt", str(tmp_path / "other.pt")], ["do not fit this model"]))
+    other["config"]["model"] = "DiS-Q/2"
+    torch.save(other, tmp_path / "unknown.pt")
+    cases.append((["sample.py", "--ckpt", str(tmp_path / "unknown.pt")], ["cannot build"]))
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     cases.append((["sample.py", "--ckpt", str(tmp_path / "foreign.pt")], ["not a DiS checkpoint"]))
     for args, patterns in cases:

@@ -93,9 +93,22 @@ def parse_args(argv=None):
     return args, set(vars(quiet.parse_args(argv)))
 
 
-# What a resumed run may change; every other flag comes from the checkpoint.
+# What a resumed run may change; every other flag comes from the checkpoint (the data must still give
+# the same model input, which main checks).
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "sample_every", "sample_steps", "num_workers",
-                     "device", "resume", "results_dir", "fail_at_step"}
+                     "device", "resume", "results_dir", "data_path", "fail_at_step"}
+
+
+def check_args(args):
+    """Ranges argparse cannot express; one line each."""
+    lowest = {"global_batch_size": 1, "log_every": 1, "ckpt_every": 1, "sample_every": 0, "sample_steps": 2,
+              "max_steps": 1, "epochs": 1, "image_size": 1, "num_workers": 0}
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if args.sample_steps > 1000:
+        raise UserError(f"--sample-steps must be at most 1000 (the training steps), got {args.sample_steps}")
 
 
 #################################################################################
@@ -271,8 +284,11 @@ def load_checkpoint(path):
 
 def model_from_config(config):
     """The model a checkpoint's "config" describes."""
-    return DiS.create_model(config["model"], image_size=config["input_size"], in_channels=config["in_channels"],
-                            num_classes=config["num_classes"], learn_sigma=config["learn_sigma"])
+    try:
+        return DiS.create_model(config["model"], image_size=config["input_size"], in_channels=config["in_channels"],
+                                num_classes=config["num_classes"], learn_sigma=config["learn_sigma"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the checkpoint describes a model this DiS.py cannot build ({e})")
 
 
 def load_weights(model, state, path):
@@ -303,6 +319,25 @@ def save_checkpoint(path, state):
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
     return True
+
+
+def newest_in_run(ckpt_path):
+    """The checkpoint of the highest step in the run folder that holds ckpt_path (names are zero-padded steps)."""
+    return sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "*.pt")))[-1]
+
+
+def new_run_dir(results_dir, model):
+    """results/NNN-DiS-S-2 with the next free number; never an existing folder."""
+    os.makedirs(results_dir, exist_ok=True)
+    index = len(glob.glob(os.path.join(results_dir, "*")))
+    while True:   # another run may have taken this number meanwhile
+        run_dir = os.path.join(results_dir, f"{index:03d}-{model.replace('/', '-')}")
+        try:
+            os.makedirs(os.path.join(run_dir, "checkpoints"))
+            os.makedirs(os.path.join(run_dir, "samples"))
+            return run_dir
+        except FileExistsError:
+            index += 1
 
 
 def newest_checkpoint(results_dir):
@@ -362,7 +397,9 @@ def main(args, given=()):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls: much faster on Ampere and newer (as DiT)
         torch.backends.cudnn.allow_tf32 = True
+    check_args(args)
     if args.encode_latents:
+        args.image_size = args.image_size or 256
         if rank == 0:
             encode_latents(args, device)
         return
@@ -436,28 +473,19 @@ def main(args, given=()):
     diffusion = DiS.Diffusion()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
 
-    # --- the run folder: a new numbered one, or the resumed run's own
-    if ckpt_path:
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
-        if rank == 0:
+    # --- the run folder: the resumed run's own if its newest checkpoint is the one resumed, else a new
+    # numbered one (so that continuing from an older checkpoint never mixes with what came after it)
+    run_dir = None
+    if rank == 0:
+        if ckpt_path and newest_in_run(ckpt_path) == os.path.abspath(ckpt_path):
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
             os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    else:
-        run_dir = None
-        if rank == 0:
-            os.makedirs(args.results_dir, exist_ok=True)
-            index = len(glob.glob(os.path.join(args.results_dir, "*")))
-            while True:   # never reuse a folder, even if another run took this number meanwhile
-                run_dir = os.path.join(args.results_dir, f"{index:03d}-{args.model.replace('/', '-')}")
-                try:
-                    os.makedirs(os.path.join(run_dir, "checkpoints"))
-                    os.makedirs(os.path.join(run_dir, "samples"))
-                    break
-                except FileExistsError:
-                    index += 1
-        if distributed:
-            box = [run_dir]
-            dist.broadcast_object_list(box, src=0)
-            run_dir = box[0]
+        else:
+            run_dir = new_run_dir(args.results_dir, args.model)
+    if distributed:
+        box = [run_dir]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = box[0]
     log_file = open(os.path.join(run_dir, "log.txt"), "a") if rank == 0 else None
 
     def log(msg):
@@ -512,9 +540,17 @@ def main(args, given=()):
             signal.default_int_handler(signum, frame)
         interrupted = True
     signal.signal(signal.SIGINT, on_sigint)
+    def abort(what, value):   # a non-finite loss or gradient: stop before it reaches the weights
+        msg = (f"the {what} became {value} at step {step + 1}; stopped without saving. The last good "
+               f"checkpoint is in {run_dir}/checkpoints; try a lower --lr")
+        log("error: " + msg)
+        bar.close()
+        raise UserError(msg)
+
     model.train()
     t_last, step_last = time.time(), step
-    while step < total and not interrupted:
+    stop = False   # agreed by all processes, so that they leave the loop at the same step
+    while step < total and not stop:
         epoch, position = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)       # the data order is a function of (seed, epoch): resumable mid-epoch
         order = list(sampler)[position * local_batch: steps_per_epoch * local_batch]
@@ -531,20 +567,17 @@ def main(args, given=()):
                 loss = diffusion.training_loss(train_model, x, y if config["num_classes"] else None)
             if args.fail_at_step is not None and step + 1 >= args.fail_at_step:
                 loss = loss * float("nan")
-            loss_value = loss.detach().clone()
-            if distributed:
-                dist.all_reduce(loss_value)
-                loss_value /= world
-            loss_value = loss_value.item()
+            shared = torch.stack([loss.detach().float(), torch.tensor(float(interrupted), device=device)])
+            if distributed:   # the mean loss, and whether any process was interrupted
+                dist.all_reduce(shared)
+            loss_value, stop = shared[0].item() / world, shared[1].item() > 0
             if not math.isfinite(loss_value):
-                msg = (f"error: the loss became {loss_value} at step {step + 1}; stopping without saving. The "
-                       f"last good checkpoint is in {run_dir}/checkpoints; try a lower --lr or --grad-clip")
-                log(msg)
-                bar.close()
-                raise UserError(msg[len("error: "):])
+                abort("loss", loss_value)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+            if not math.isfinite(grad_norm):
+                abort("gradient norm", grad_norm)
             opt.step()
             sched.step()
             step += 1
@@ -561,10 +594,10 @@ def main(args, given=()):
                 preview()
             if step % args.ckpt_every == 0 or step == total:
                 save(checkpoint_state())
-            if interrupted or step >= total:
+            if stop or step >= total:
                 break
     bar.close()
-    if interrupted:
+    if stop:
         save(checkpoint_state())
         print(f"interrupted at step {step}; resume with --resume auto (or the checkpoint path)")
     log(f"done at step {step}")
@@ -577,7 +610,7 @@ def main(args, given=()):
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         log(f"replicas identical: {bool(same.item())}")
         dist.destroy_process_group()
-    if interrupted:
+    if stop:
         sys.exit(130)
 
 
