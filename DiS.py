@@ -126,10 +126,15 @@ class _LeanScan(torch.autograd.Function):
     so that each step's slice is contiguous: that alone makes the per-token loop 3x faster on CPU."""
 
     @staticmethod
-    def _chunk(dt, u, A, B, s, e):
-        """Decay dA_t = exp(dt_t A) and input dBu_t = dt_t u_t B_t of tokens s..e-1, each (k, b, d, n)."""
+    def _token_major(x):
+        """(b, ., l) -> a contiguous (l, b, .): each token's slice is then one contiguous block."""
+        return x.permute(2, 0, 1).contiguous()
+
+    @staticmethod
+    def _chunk(dt, dtu, A, B, s, e):
+        """Decay dA_t = exp(dt_t A) and input dBu_t = (dt_t u_t) B_t of tokens s..e-1, each (k, b, d, n)."""
         dA = torch.exp(dt[s:e, ..., None] * A)                                          # (k, b, d, n)
-        dBu = (dt[s:e] * u[s:e])[..., None] * B[s:e, :, None, :]                        # (k, b, d, n)
+        dBu = dtu[s:e, ..., None] * B[s:e, :, None, :]                                  # (k, b, d, n)
         return dA, dBu
 
     @staticmethod
@@ -153,15 +158,16 @@ class _LeanScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
         with _no_autocast(u):
             u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
-            dt_l, u_l = dt.permute(2, 0, 1).contiguous(), u32.permute(2, 0, 1).contiguous()    # (l, b, d)
-            B_l, C_l = B32.permute(2, 0, 1).contiguous(), C.to(u32.dtype).permute(2, 0, 1).contiguous()  # (l, b, n)
+            tm = _LeanScan._token_major
+            dt_l, dtu_l = tm(dt), tm(dt * u32)                                          # (l, b, d)
+            B_l, C_l = tm(B32), tm(C.to(u32.dtype))                                     # (l, b, n)
             l = u.shape[-1]
             h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])                       # (b, d, n)
             starts, y = [], torch.empty_like(dt_l)                                      # y: (l, b, d)
             for s in range(0, l, chunk):
                 e = min(s + chunk, l)
                 starts.append(h)
-                hs = _LeanScan._states(h, *_LeanScan._chunk(dt_l, u_l, A32, B_l, s, e))  # (k, b, d, n)
+                hs = _LeanScan._states(h, *_LeanScan._chunk(dt_l, dtu_l, A32, B_l, s, e))  # (k, b, d, n)
                 h = hs[-1].clone()              # a copy, so the chunk's states can be freed   (b, d, n)
                 _LeanScan._dot(hs, C_l[s:e], y[s:e])                                    # <h_t, C_t>, (k, b, d)
             out = _finish(y.permute(1, 2, 0), u32, D, z, u.dtype)                       # (b, d, l)
@@ -187,8 +193,8 @@ class _LeanScan(torch.autograd.Function):
             g_u = g_y * D32 if D is not None else torch.zeros_like(u32)                 # (b, d, l)
             g_D = (g_y * u32).sum((0, 2)).to(D.dtype) if D is not None else None
             # token-major copies, as in forward
-            tm = lambda x: x.permute(2, 0, 1).contiguous()
-            dt_l, u_l, B_l, C_l, g_y_l = tm(dt), tm(u32), tm(B32), tm(C32), tm(g_y)     # (l, b, d) / (l, b, n)
+            tm = _LeanScan._token_major
+            dt_l, dtu_l, B_l, C_l, g_y_l = tm(dt), tm(dt * u32), tm(B32), tm(C32), tm(g_y)  # (l, b, d) / (l, b, n)
             y_l = torch.empty_like(dt_l) if z is not None else None                     # <h_t, C_t>, (l, b, d)
             g_dt_l, g_dtu_l = torch.empty_like(dt_l), torch.empty_like(dt_l)            # (l, b, d)
             g_B_l, g_C_l = torch.empty_like(B_l), torch.empty_like(C_l)                 # (l, b, n)
@@ -197,7 +203,7 @@ class _LeanScan(torch.autograd.Function):
             carry = torch.zeros_like(starts[0])                  # exp(dt_{t+1} A) * g_h_{t+1}, (b, d, n)
             for ci, s in reversed(list(enumerate(range(0, l, chunk)))):
                 e = min(s + chunk, l)
-                dA, dBu = _LeanScan._chunk(dt_l, u_l, A32, B_l, s, e)                   # (k, b, d, n)
+                dA, dBu = _LeanScan._chunk(dt_l, dtu_l, A32, B_l, s, e)                 # (k, b, d, n)
                 hs = _LeanScan._states(starts[ci], dA, dBu)      # recomputed states     (k, b, d, n)
                 if z is not None:
                     _LeanScan._dot(hs, C_l[s:e], y_l[s:e])                              # (k, b, d)
@@ -216,8 +222,7 @@ class _LeanScan(torch.autograd.Function):
                 g_A += (g_dtA * dt_l[s:e, ..., None]).sum((0, 1))                       # (d, n)
                 _LeanScan._dot(g_h, B_l[s:e], g_dtu_l[s:e])                             # grad of dt*u, (k, b, d)
                 torch.sum(g_dtA.mul_(A32), -1, out=g_dt_l[s:e])                          # (k, b, d)
-                dtu = dt_l[s:e] * u_l[s:e]                                              # (k, b, d)
-                _LeanScan._dot(g_h, dtu, g_B_l[s:e], over_d=True)                       # (k, b, n)
+                _LeanScan._dot(g_h, dtu_l[s:e], g_B_l[s:e], over_d=True)                # (k, b, n)
                 _LeanScan._dot(hs, g_y_l[s:e], g_C_l[s:e], over_d=True)                 # (k, b, n)
             tb = lambda x: x.permute(1, 2, 0)                                           # (l, b, .) -> (b, ., l)
             g_dtu = tb(g_dtu_l)                                                         # (b, d, l)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import DiS
+from train import mixed_precision
 
 PRESETS = {
     # scan shapes (b, d_inner, l, n); model runs: (name, image size, channels, classes, batch, variants)
@@ -200,10 +201,9 @@ def model_case(spec, device, repeats):
     diffusion = DiS.Diffusion()
     x = torch.randn(batch, chans, size, size, device=device)
     y = torch.randint(0, classes, (batch,), device=device) if classes else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
-        with amp:
+        with mixed_precision(device):
             loss = diffusion.training_loss(fwd, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,10 +220,9 @@ def sample_case(spec, device, repeats):
     name, size, chans, batch = spec
     model = DiS.create_model(name, image_size=size, in_channels=chans).to(device).eval()
     diffusion = DiS.Diffusion()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def run():
-        with amp:
+        with mixed_precision(device):
             diffusion.sample(model, (batch, chans, size, size), steps=50, sampler="ddim", device=device)
     t = timeit(run, max(1, repeats // 3), device)
     return {"img_s": batch / t, "batch_s": t}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import DiS
-from train import UserError, load_checkpoint, load_vae, load_weights, model_from_config, to_images
+from train import UserError, load_checkpoint, load_vae, load_weights, mixed_precision, model_from_config, to_images
 
 
 def parse_args(argv=None):
@@ -85,11 +85,10 @@ def main(args):
     size = (config["in_channels"], config["input_size"], config["input_size"])
     images = []
     from tqdm import tqdm
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for start in tqdm(range(0, args.num_samples, args.batch_size), desc="batches"):
         n = min(args.batch_size, args.num_samples - start)
         y = labels[start:start + n].to(device) if conditional else None
-        with autocast:
+        with mixed_precision(device):
             x = diffusion.sample(model, (n,) + size, y=y, steps=steps, sampler=args.sampler, cfg_scale=cfg_scale,
                                  generator=gen, device=device, clip_denoised=not config["latents"])
         with torch.no_grad():

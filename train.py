@@ -384,6 +384,11 @@ def to_images(x, vae=None):
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
+def mixed_precision(device):
+    """bf16 autocast on CUDA (the scan and the residual stream stay float32 inside DiS), float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 def main(args, given=()):
     distributed = "RANK" in os.environ
     if distributed:
@@ -471,7 +476,6 @@ def main(args, given=()):
     if args.compile:
         train_model = torch.compile(train_model)
     diffusion = DiS.Diffusion()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
 
     # --- the run folder: the resumed run's own if its newest checkpoint is the one resumed, else a new
     # numbered one (so that continuing from an older checkpoint never mixes with what came after it)
@@ -563,7 +567,7 @@ def main(args, given=()):
             if flip:
                 mask = torch.rand(x.shape[0], generator=flip_gen) < 0.5
                 x = torch.where(mask.to(device)[:, None, None, None], x.flip(-1), x)
-            with autocast:
+            with mixed_precision(device):
                 loss = diffusion.training_loss(train_model, x, y if config["num_classes"] else None)
             if args.fail_at_step is not None and step + 1 >= args.fail_at_step:
                 loss = loss * float("nan")
