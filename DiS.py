@@ -4,23 +4,28 @@ DiS: diffusion models with a bidirectional Mamba (state space model) backbone, i
 Paper: "Scalable Diffusion Models with State Space Backbone", Fei, Fan, Yu, Huang (arXiv 2402.05608).
 Official code: github.com/feizc/DiS (models_dis.py, built on Vim's patched mamba-ssm and on DiT's diffusion).
 
-Read it top to bottom, four sections:
-  1. Selective scan   - the SSM recurrence (mamba-ssm: selective_scan_fn / selective_scan_ref)
+Read it top to bottom. The first four sections are the whole model; the fifth only makes it fast:
+  1. Selective scan   - the SSM recurrence, a plain loop (mamba-ssm: selective_scan_ref)
   2. Mixer            - a bidirectional Mamba layer (Vim's "bimamba v2" in mamba_simple.Mamba)
-  3. Model            - the DiS network, its sizes and a FLOP counter (models_dis.DisModel)
+  3. Model            - the DiS network and its sizes (models_dis.DisModel)
   4. Diffusion        - noise schedule, training loss and samplers (DiT's / improved-DDPM's gaussian_diffusion)
+  5. Making it fast   - the memory-lean scan with its hand-written backward, and the choice of scan
+                        (mamba-ssm's selective_scan_fn, or the Triton kernel in scan_triton.py)
+  6. Counting FLOPs   - for bench.py and the README
 
-Glossary of shape letters (Mamba paper symbols in brackets):
+Glossary of shape letters (Mamba paper symbols in brackets), one meaning each throughout the file:
   b        batch size                                           [B]
   l        sequence length: extra tokens (time, label) + patches [L]
   d        model width, d_model                                 [D]
-  d_inner  width inside the mixer, expand * d                   [E*D]
+  d_inner  width inside the mixer, expand * d; the scan's channels [E*D]
   n        SSM state size per channel, d_state                  [N]
   dt_rank  rank of the low-rank projection that makes delta     [ceil(D/16)]
   c, h, w  image channels, height, width;  p  patch size
+In the scan, h_t (h) is the SSM state of Mamba's notation, n numbers per channel, not a height.
+Other sizes have names: d_conv (the causal conv's width), chunk (tokens per chunk of the lean scan).
 """
+import contextlib
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -37,254 +42,39 @@ except Exception:  # ImportError, or an OSError/RuntimeError from a broken CUDA 
 #################################################################################
 #                          1. Selective scan                                    #
 #################################################################################
-# The state space recurrence at the heart of Mamba, for each batch b and channel d:
+# The state space recurrence at the heart of Mamba, for each batch element and channel:
 #     dt_t = softplus(delta_t + delta_bias)                (a per-token step size)
 #     h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t    (h_t: a state of n numbers)
 #     y_t  = <h_t, C_t> + D * u_t,   out_t = y_t * silu(z_t)
-# Layouts follow mamba-ssm's selective_scan_fn so that its CUDA kernel drops in unchanged:
-#     u, delta, z: (b, d, l)   A: (d, n)   B, C: (b, n, l)   D, delta_bias: (d,)
-# Three implementations, all with the same signature:
-#   selective_scan_ref   a plain loop; autograd keeps every (b, d, l, n) intermediate. The reference.
-#   selective_scan_lean  the default: same loop, hand-written backward that recomputes the states,
-#                        so only (b, d, l)-sized inputs are kept for backward (the CUDA kernel's trick).
-#   mamba-ssm's kernel   used automatically on CUDA when the package is installed.
-
-def _scan_dtype(u):
-    # Half precision cannot carry a recurrence over hundreds of steps; float64 stays float64 for gradcheck.
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
-def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias):
-    if u.ndim != 3 or A.ndim != 2:
-        raise ValueError(f"selective_scan: u must be (b, d, l) and A (d, n), got {tuple(u.shape)} and {tuple(A.shape)}")
-    b, d, l = u.shape
-    n = A.shape[-1]
-    expected = {"delta": (delta, (b, d, l)), "A": (A, (d, n)), "B": (B, (b, n, l)), "C": (C, (b, n, l)),
-                "D": (D, (d,)), "z": (z, (b, d, l)), "delta_bias": (delta_bias, (d,))}
-    for name, (t, shape) in expected.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {shape} "
-                             f"for u of shape (b, d, l) = {(b, d, l)} and A of shape (d, n) = {(d, n)}")
-    if A.is_complex():
-        raise ValueError("selective_scan: complex A is not supported (DiS uses real A)")
-
-
-def _no_autocast(u):
-    # The scan runs in float32 under bf16/fp16 autocast too (its inputs are upcast in _discretize).
-    return torch.autocast(u.device.type if u.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu", enabled=False)
-
-
-def _discretize(u, delta, A, B, delta_bias, delta_softplus):
-    """Shared first step: the inputs in the compute dtype, and the step size dt = softplus(delta + bias)."""
-    dtype = _scan_dtype(u)
-    u, delta, A, B = u.to(dtype), delta.to(dtype), A.to(dtype), B.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]
-    dt = F.softplus(delta) if delta_softplus else delta       # (b, d, l)
-    return u, dt, A, B
-
-
-def _finish(y, u, D, z, out_dtype):
-    """Shared last step: skip term D * u and the silu(z) gate, then back to the input dtype."""
-    if D is not None:
-        y = y + u * D.to(y.dtype)[:, None]                    # (b, d, l)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))                         # (b, d, l)
-    return y.to(out_dtype)
-
+# Layouts follow mamba-ssm's selective_scan_fn, so that its CUDA kernel drops in unchanged:
+#     u, delta, z: (b, d_inner, l)   A: (d_inner, n)   B, C: (b, n, l)   D, delta_bias: (d_inner,)
+# The model calls selective_scan (section 5), which picks a fast implementation of exactly this function.
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The readable reference (mirrors mamba_ssm.ops.selective_scan_interface.selective_scan_ref).
-
-    Loops over the tokens with tensor.unbind: indexing x[:, :, t] inside the loop instead would make each
-    step's backward write a full-size zero gradient, so the backward would grow quadratically in l.
-    """
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
-    with _no_autocast(u):
-        u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
-        C32 = C.to(u32.dtype)
-        dA = torch.exp(dt[..., None] * A32[:, None, :])                            # (b, d, l, n)
-        dBu = (dt * u32)[..., None] * rearrange(B32, "b n l -> b 1 l n")           # (b, d, l, n)
-        h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])                       # (b, d, n)
-        ys = []
-        for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), C32.unbind(2)):
-            h = dA_t * h + dBu_t                                                   # (b, d, n)
-            ys.append(torch.einsum("bdn,bn->bd", h, C_t))                          # (b, d)
-        y = torch.stack(ys, dim=-1)                                                # (b, d, l)
-        return _finish(y, u32, D, z, u.dtype)
-
-
-MATMUL_DEVICES = ("cuda",)   # where the lean scan contracts with matmul rather than multiply-and-sum
-
-
-class _LeanScan(torch.autograd.Function):
-    """The memory-lean scan. Forward: the same recurrence, run chunk by chunk, saving only the inputs
-    and one state per chunk. Backward: recompute each chunk's states from its saved start state, then
-    run the adjoint recurrence from the last token to the first,
-        g_h_t = g_y_t * C_t + exp(dt_{t+1} A) * g_h_{t+1},
-    from which every input gradient is a local product. Inside, tensors are token-major (l, b, ...)
-    so that each step's slice is contiguous: that alone makes the per-token loop 3x faster on CPU."""
-
-    @staticmethod
-    def _token_major(x):
-        """(b, ., l) -> a contiguous (l, b, .): each token's slice is then one contiguous block."""
-        return x.permute(2, 0, 1).contiguous()
-
-    @staticmethod
-    def _chunk(dt, dtu, A, B, s, e):
-        """Decay dA_t = exp(dt_t A) and input dBu_t = (dt_t u_t) B_t of tokens s..e-1, each (k, b, d, n)."""
-        dA = torch.exp(dt[s:e, ..., None] * A)                                          # (k, b, d, n)
-        dBu = dtu[s:e, ..., None] * B[s:e, :, None, :]                                  # (k, b, d, n)
-        return dA, dBu
-
-    @staticmethod
-    def _dot(x, v, out, over_d=False):
-        """Contract x (k, b, d, n) with v over n (v: (k, b, n) -> out: (k, b, d)) or, with over_d, over d
-        (v: (k, b, d) -> out: (k, b, n)). A batched matrix-vector product was faster on an H100, the
-        elementwise product and sum 3x faster on CPU (bench.py)."""
-        if x.device.type in MATMUL_DEVICES:
-            return torch.matmul(x.transpose(-1, -2) if over_d else x, v[..., None], out=out[..., None])
-        return torch.sum(x * (v[..., None] if over_d else v[:, :, None, :]), 2 if over_d else -1, out=out)
-
-    @staticmethod
-    def _states(h, dA, dBu):
-        """h_t = dA_t * h_{t-1} + dBu_t for the tokens of one chunk, starting from h (b, d, n)."""
-        hs = torch.empty_like(dBu)                                                      # (k, b, d, n)
-        for t in range(dBu.shape[0]):
-            h = torch.addcmul(dBu[t], dA[t], h, out=hs[t])                              # (b, d, n)
-        return hs
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
-        with _no_autocast(u):
-            u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
-            tm = _LeanScan._token_major
-            dt_l, dtu_l = tm(dt), tm(dt * u32)                                          # (l, b, d)
-            B_l, C_l = tm(B32), tm(C.to(u32.dtype))                                     # (l, b, n)
-            l = u.shape[-1]
-            h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])                       # (b, d, n)
-            starts, y = [], torch.empty_like(dt_l)                                      # y: (l, b, d)
-            for s in range(0, l, chunk):
-                e = min(s + chunk, l)
-                starts.append(h)
-                hs = _LeanScan._states(h, *_LeanScan._chunk(dt_l, dtu_l, A32, B_l, s, e))  # (k, b, d, n)
-                h = hs[-1].clone()              # a copy, so the chunk's states can be freed   (b, d, n)
-                _LeanScan._dot(hs, C_l[s:e], y[s:e])                                    # <h_t, C_t>, (k, b, d)
-            out = _finish(y.permute(1, 2, 0), u32, D, z, u.dtype)                       # (b, d, l)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts))  # starts: (chunks, b, d, n)
-        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, g_out):
-        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
-        with _no_autocast(u):
-            u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, ctx.delta_softplus)
-            C32, g_out = C.to(u32.dtype), g_out.to(u32.dtype)
-            D32 = D.to(u32.dtype)[:, None] if D is not None else None                  # (d, 1)
-            # out = y * silu(z) with y = <h, C> + D u: the gradient into y needs only z
-            if z is not None:
-                z32 = z.to(u32.dtype)
-                sig = torch.sigmoid(z32)                                                # (b, d, l)
-                g_y = g_out * z32 * sig                                                 # (b, d, l)
-                g_silu = g_out * sig * (1 + z32 * (1 - sig))                            # g_out * silu'(z)
-            else:
-                g_y = g_out
-            g_u = g_y * D32 if D is not None else torch.zeros_like(u32)                 # (b, d, l)
-            g_D = (g_y * u32).sum((0, 2)).to(D.dtype) if D is not None else None
-            # token-major copies, as in forward
-            tm = _LeanScan._token_major
-            dt_l, dtu_l, B_l, C_l, g_y_l = tm(dt), tm(dt * u32), tm(B32), tm(C32), tm(g_y)  # (l, b, d) / (l, b, n)
-            y_l = torch.empty_like(dt_l) if z is not None else None                     # <h_t, C_t>, (l, b, d)
-            g_dt_l, g_dtu_l = torch.empty_like(dt_l), torch.empty_like(dt_l)            # (l, b, d)
-            g_B_l, g_C_l = torch.empty_like(B_l), torch.empty_like(C_l)                 # (l, b, n)
-            g_A = torch.zeros_like(A32)                                                 # (d, n)
-            l, chunk = u.shape[-1], ctx.chunk
-            carry = torch.zeros_like(starts[0])                  # exp(dt_{t+1} A) * g_h_{t+1}, (b, d, n)
-            for ci, s in reversed(list(enumerate(range(0, l, chunk)))):
-                e = min(s + chunk, l)
-                dA, dBu = _LeanScan._chunk(dt_l, dtu_l, A32, B_l, s, e)                 # (k, b, d, n)
-                hs = _LeanScan._states(starts[ci], dA, dBu)      # recomputed states     (k, b, d, n)
-                if z is not None:
-                    _LeanScan._dot(hs, C_l[s:e], y_l[s:e])                              # (k, b, d)
-                # adjoint recurrence, last token first; carry brings in the next chunk's first token
-                g_h = g_y_l[s:e, ..., None] * C_l[s:e, :, None, :]                      # (k, b, d, n)
-                g_h[-1] += carry
-                for t in reversed(range(e - s - 1)):
-                    g_h[t].addcmul_(dA[t + 1], g_h[t + 1])                              # (b, d, n)
-                carry = dA[0] * g_h[0]                                                  # (b, d, n)
-                # Local gradients, with h_t = exp(dt_t A) h_{t-1} + (dt_t u_t) B_t and g_h_t = dLoss/dh_t:
-                #   d/d(dt_t A)  = g_h_t exp(dt_t A) h_{t-1}  -> dt_t (x A, sum over n), A (x dt_t, sum over b, t)
-                #   d/d(dt_t u_t) = <g_h_t, B_t>             -> dt_t (x u_t), u_t (x dt_t)
-                #   d/dB_t = sum_d g_h_t dt_t u_t,   d/dC_t = sum_d h_t g_y_t
-                # exp(dt_t A) h_{t-1} = h_t - dBu_t: no shifted copy of the states needed; reuse dBu's memory
-                g_dtA = torch.sub(hs, dBu, out=dBu).mul_(g_h)                           # (k, b, d, n)
-                g_A += (g_dtA * dt_l[s:e, ..., None]).sum((0, 1))                       # (d, n)
-                _LeanScan._dot(g_h, B_l[s:e], g_dtu_l[s:e])                             # grad of dt*u, (k, b, d)
-                torch.sum(g_dtA.mul_(A32), -1, out=g_dt_l[s:e])                          # (k, b, d)
-                _LeanScan._dot(g_h, dtu_l[s:e], g_B_l[s:e], over_d=True)                # (k, b, n)
-                _LeanScan._dot(hs, g_y_l[s:e], g_C_l[s:e], over_d=True)                 # (k, b, n)
-            tb = lambda x: x.permute(1, 2, 0)                                           # (l, b, .) -> (b, ., l)
-            g_dtu = tb(g_dtu_l)                                                         # (b, d, l)
-            g_dt = tb(g_dt_l) + g_dtu * u32                                             # (b, d, l)
-            g_u = g_u + g_dtu * dt
-            g_z = None
-            if z is not None:
-                y = tb(y_l) + u32 * D32 if D is not None else tb(y_l)                  # (b, d, l)
-                g_z = (g_silu * y).to(z.dtype)
-            if ctx.delta_softplus:  # back through dt = softplus(delta + delta_bias)
-                pre = delta.to(dt.dtype) + (delta_bias.to(dt.dtype)[:, None] if delta_bias is not None else 0)
-                g_dt = g_dt * torch.sigmoid(pre)
-            g_bias = g_dt.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
-        return (g_u.to(u.dtype), g_dt.to(delta.dtype), g_A.to(A.dtype), tb(g_B_l).to(B.dtype),
-                tb(g_C_l).to(C.dtype), g_D, g_z, g_bias, None, None)
-
-
-def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=None):
-    """Memory-lean PyTorch scan; same signature and result as selective_scan_ref.
-    chunk: tokens per chunk, one saved state each; by default 8 on CPU and 16 on CUDA, the fastest
-    sizes in bench.py (README, Performance)."""
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
-    chunk = chunk or (16 if u.is_cuda else 8)
-    return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
-
-
-# Which implementation selective_scan uses: "auto" (mamba-ssm's kernel where it can run, else the PyTorch
-# scan), "torch" (always PyTorch) or "mamba_ssm" (always the kernel; an error where it cannot run).
-SCAN_BACKEND = "auto"
-TORCH_SCAN = selective_scan_lean   # the PyTorch scan used off the kernel; selective_scan_ref to debug
-
-
-KERNEL_DEVICE = "cuda"   # where mamba-ssm's kernel runs (the tests point it at "cpu" with a stand-in kernel)
-
-
-def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None):
-    """True when mamba-ssm's CUDA kernel is installed and accepts these tensors."""
-    if mamba_selective_scan_fn is None:
-        return False
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-    return (all(t.device.type == KERNEL_DEVICE for t in tensors)
-            and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and A.shape[-1] <= 256
-            and all(t.dtype == torch.float32 for t in (A, D, delta_bias) if t is not None)
-            and all(t.stride(-1) == 1 for t in tensors))
-
-
-@torch.compiler.disable  # torch.compile would unroll the token loop: compile the rest, run the scan eagerly
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend=None):
-    """The selective scan with mamba-ssm's signature (selective_scan_fn); see the section comment.
-    backend: None for the module-level SCAN_BACKEND, or "auto" | "torch" | "mamba_ssm"."""
-    backend = backend or SCAN_BACKEND
-    if backend not in ("auto", "torch", "mamba_ssm"):
-        raise ValueError(f"scan backend must be 'auto', 'torch' or 'mamba_ssm', got {backend!r}")
-    if backend != "torch" and mamba_kernel_usable(u, delta, A, B, C, D, z, delta_bias):
-        return mamba_selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias,
-                                       delta_softplus=delta_softplus)
-    if backend == "mamba_ssm":
-        raise RuntimeError("scan backend 'mamba_ssm' was forced, but mamba-ssm is not installed or these "
-                           "tensors do not suit its kernel (CUDA, float32 A/D/delta_bias, n <= 256, "
-                           "contiguous last dim); set DiS.SCAN_BACKEND = 'auto' to fall back to PyTorch")
-    return TORCH_SCAN(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    """The readable reference (mirrors mamba_ssm.ops.selective_scan_interface.selective_scan_ref); it needs
+    only torch, torch.nn.functional as F and einops' rearrange. Computes in float32 (float64 for float64
+    inputs), under autocast too: it uses only elementwise ops, which autocast leaves alone. Returns u's dtype.
+    The loop walks the tokens with unbind: indexing x[:, :, t] instead would make each step's backward write
+    a full-size zero gradient, and the backward would grow quadratically in l."""
+    out_dtype = u.dtype
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32   # fp16/bf16 can't carry a long recurrence
+    u, delta, A, B, C = (x.to(dtype) for x in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]                             # (b, d_inner, l)
+    dt = F.softplus(delta) if delta_softplus else delta                           # (b, d_inner, l)
+    decay = torch.exp(dt[..., None] * A[:, None, :])                              # (b, d_inner, l, n)
+    drive = (dt * u)[..., None] * rearrange(B, "b n l -> b 1 l n")                # (b, d_inner, l, n)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])                           # (b, d_inner, n)
+    ys = []
+    for decay_t, drive_t, C_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(2)):
+        h = decay_t * h + drive_t                                                 # (b, d_inner, n)
+        ys.append((h * C_t[:, None, :]).sum(-1))                                  # (b, d_inner)
+    y = torch.stack(ys, dim=-1)                                                   # (b, d_inner, l)
+    if D is not None:
+        y = y + u * D.to(dtype)[:, None]                                          # (b, d_inner, l)
+    if z is not None:
+        y = y * F.silu(z.to(dtype))                                               # (b, d_inner, l)
+    return y.to(out_dtype)
 
 
 #################################################################################
@@ -318,21 +108,22 @@ class SSM(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))   # skip connection u -> y
 
-    def forward(self, x, z):
-        l = x.shape[-1]                                                                 # x, z: (b, d_inner, l)
+    def forward(self, x, z):                                                            # x, z: (b, d_inner, l)
+        l = x.shape[-1]
         x = F.silu(self.conv1d(x)[..., :l])                                             # (b, d_inner, l)
-        x_dbl = self.x_proj(rearrange(x, "b d l -> b l d"))                             # (b, l, dt_rank + 2n)
+        x_dbl = self.x_proj(x.transpose(1, 2))                                          # (b, l, dt_rank + 2n)
         delta, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = rearrange(delta @ self.dt_proj.weight.t(), "b l d -> b d l")            # (b, d_inner, l); bias in scan
-        B = rearrange(B, "b l n -> b n l").contiguous()                                 # (b, n, l)
-        C = rearrange(C, "b l n -> b n l").contiguous()                                 # (b, n, l)
+        delta = (delta @ self.dt_proj.weight.t()).transpose(1, 2)                       # (b, d_inner, l); bias in scan
+        B = B.transpose(1, 2).contiguous()                                              # (b, n, l)
+        C = C.transpose(1, 2).contiguous()                                              # (b, n, l)
         A = -torch.exp(self.A_log.float())                                              # (d_inner, n)
         return selective_scan(x, delta.contiguous(), A, B, C, self.D.float(), z=z.contiguous(),
                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, d_inner, l)
 
 
 class BiMamba(nn.Module):
-    """The DiS mixer (mamba_simple.Mamba with bimamba_type="v2"). Both directions always run."""
+    """The DiS mixer (mamba_simple.Mamba with bimamba_type="v2"). Both directions always run.
+    The attribute names forward_ssm / backward_ssm are state_dict keys: renaming them would break checkpoints."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank=None, n_layer=1, **ssm_kwargs):
         super().__init__()
@@ -348,11 +139,11 @@ class BiMamba(nn.Module):
             self.out_proj.weight /= math.sqrt(n_layer)
 
     def forward(self, hidden):                                                          # (b, l, d)
-        xz = rearrange(self.in_proj(hidden), "b l e -> b e l")                          # (b, 2 d_inner, l)
+        xz = self.in_proj(hidden).transpose(1, 2)                                       # (b, 2 d_inner, l)
         x, z = xz.chunk(2, dim=1)                                                       # (b, d_inner, l) each
         y_fwd = self.forward_ssm(x, z)                                                  # (b, d_inner, l)
         y_bwd = self.backward_ssm(x.flip(-1), z.flip(-1)).flip(-1)                      # (b, d_inner, l)
-        return self.out_proj(rearrange(y_fwd + y_bwd, "b e l -> b l e"))               # (b, l, d)
+        return self.out_proj((y_fwd + y_bwd).transpose(1, 2))                           # (b, l, d)
 
 
 #################################################################################
@@ -380,9 +171,10 @@ def drop_path(x, p, training):
 
 
 class Block(nn.Module):
-    """Add -> RMSNorm -> mixer (models_dis.Block). It takes and returns (mixer output, residual stream):
-    adding the previous mixer output at the start of the next block lets the add and the norm fuse.
-    Out-blocks first merge a long skip: Linear(2d, d) on [incoming mixer output, skip]."""
+    """Add -> RMSNorm -> mixer (models_dis.Block, as in mamba-ssm). It takes and returns the pair
+    (mixer output, residual stream) instead of nanoGPT's x = x + mixer(norm(x)), because DiS's long skips
+    need each in-block's mixer output on its own, before it joins the stream; the add happens at the start
+    of the next block. Out-blocks first merge a long skip: Linear(2d, d) on [incoming mixer output, skip]."""
 
     def __init__(self, dim, n_layer, drop_path=0.0, skip=False, **mixer_kwargs):
         super().__init__()
@@ -419,7 +211,7 @@ class LabelEmbedder(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm, then (class-conditional only) adaLN shift/scale from c = time token + label embedding,
+    """LayerNorm, then (class-conditional only) adaLN shift/scale from cond = time token + label embedding,
     then a Linear to p*p*out_channels values per token (models_dis.FinalLayer, from DiT)."""
 
     def __init__(self, dim, patch_size, out_channels, conditional):
@@ -428,10 +220,10 @@ class FinalLayer(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if conditional else None
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
 
-    def forward(self, x, c=None):                                                       # x: (b, l, d), c: (b, d)
+    def forward(self, x, cond=None):                                                    # x: (b, l, d), cond: (b, d)
         x = self.norm(x)                                                                # (b, l, d)
         if self.adaLN is not None:
-            shift, scale = self.adaLN(c).chunk(2, dim=-1)                               # (b, d) each
+            shift, scale = self.adaLN(cond).chunk(2, dim=-1)                            # (b, d) each
             x = x * (1 + scale[:, None]) + shift[:, None]                               # (b, l, d)
         return self.linear(x)                                                           # (b, l, p*p*out_c)
 
@@ -459,13 +251,13 @@ class DiS(nn.Module):
         self.label_embed = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.num_patches, hidden_size))
 
-        # depth // 2 in-blocks, a mid-block, depth // 2 out-blocks; drop-path grows linearly with depth
-        dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        block = partial(Block, hidden_size, depth, **mixer_kwargs)
-        self.in_blocks = nn.ModuleList([block(drop_path=dpr[i]) for i in range(depth // 2)])
-        self.mid_block = block(drop_path=dpr[depth // 2])
-        self.out_blocks = nn.ModuleList([block(drop_path=dpr[depth // 2 + 1 + i], skip=True)
-                                         for i in range(depth // 2)])
+        # depth // 2 in-blocks, a mid-block, depth // 2 out-blocks; the drop-path rate grows linearly with depth
+        drop_rates = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        def block(i, skip=False):
+            return Block(hidden_size, depth, drop_path=drop_rates[i], skip=skip, **mixer_kwargs)
+        self.in_blocks = nn.ModuleList([block(i) for i in range(depth // 2)])
+        self.mid_block = block(depth // 2)
+        self.out_blocks = nn.ModuleList([block(depth // 2 + 1 + i, skip=True) for i in range(depth // 2)])
         self.final_drop_path = drop_path_rate
         self.norm_f = nn.RMSNorm(hidden_size, eps=1e-5)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, conditional=num_classes > 0)
@@ -488,61 +280,80 @@ class DiS(nn.Module):
             nn.init.zeros_(self.final_layer.adaLN[-1].weight)
             nn.init.zeros_(self.final_layer.adaLN[-1].bias)
 
-    def unpatchify(self, x):
-        """(b, num_patches, p*p*c) -> (b, c, h, w)"""
-        s = self.image_size // self.patch_size
-        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=s, w=s, p=self.patch_size, q=self.patch_size)
-
-    def _run(self, block, hidden, residual, skip=None):
-        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(block, hidden, residual, skip, use_reentrant=False)
-        return block(hidden, residual, skip)
-
     def forward(self, x, t, y=None):
         """x: (b, c, h, w) noisy images or latents; t: (b,) integer timesteps in [0, 1000); y: (b,) labels
         (class-conditional models only; num_classes is the null label)."""
+        self.check_inputs(x, y)
+        tokens, cond = self.embed(x, t, y)                                              # (b, l, d), (b, d)
+        stream = self.mix(tokens)                                                       # (b, l, d), float32
+        out = self.final_layer(self.norm_f(stream.to(self.norm_f.weight.dtype)), cond)  # (b, l, p*p*out_c)
+        return self.unpatchify(out[:, self.extras:])                                   # (b, out_c, h, w)
+
+    def check_inputs(self, x, y):
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"DiS expects input of shape (b, {self.in_channels}, {self.image_size}, "
                              f"{self.image_size}), got {tuple(x.shape)}")
         if (y is None) != (self.num_classes == 0):
             raise ValueError("a class-conditional DiS needs labels y; an unconditional one (num_classes=0) takes none")
-        tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")                # (b, num_patches, d)
-        time_token = self.time_embed(timestep_embedding(t, self.hidden_size))          # (b, d)
-        extra = [time_token[:, None]]                                                  # (b, 1, d)
-        c = None
-        if self.label_embed is not None:
-            label_token = self.label_embed(y)                                           # (b, d)
-            extra = [label_token[:, None]] + extra
-            c = time_token + label_token                                                # (b, d)
-        hidden = torch.cat(extra + [tokens], dim=1) + self.pos_embed                    # (b, l, d)
 
+    def embed(self, x, t, y):
+        """The token sequence [label,] time, patches (with positions), and the final layer's condition
+        cond = time + label (None for unconditional models, whose final layer has no adaLN)."""
+        patches = rearrange(self.patch_embed(x), "b d rows cols -> b (rows cols) d")   # (b, num_patches, d)
+        time = self.time_embed(timestep_embedding(t, self.hidden_size))                # (b, d)
+        if self.label_embed is None:
+            extras, cond = [time], None
+        else:
+            label = self.label_embed(y)                                                 # (b, d)
+            extras, cond = [label, time], time + label
+        tokens = torch.cat([token[:, None] for token in extras] + [patches], dim=1)     # (b, l, d)
+        return tokens + self.pos_embed, cond
+
+    def mix(self, hidden):
+        """The U-ViT-shaped stack: in-blocks save their mixer outputs, out-blocks take them back in reverse
+        order. Returns the float32 residual stream with the last mixer output added."""
         residual, skips = None, []
-        for blk in self.in_blocks:
-            hidden, residual = self._run(blk, hidden, residual)                         # (b, l, d)
+        for block in self.in_blocks:
+            hidden, residual = self.run_block(block, hidden, residual)                  # (b, l, d)
             skips.append(hidden)                           # the mixer output, not the residual stream
-        hidden, residual = self._run(self.mid_block, hidden, residual)                 # (b, l, d)
-        for blk in self.out_blocks:
-            hidden, residual = self._run(blk, hidden, residual, skips.pop())           # (b, l, d)
-        residual = residual + drop_path(hidden, self.final_drop_path, self.training).float()
-        hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))                    # (b, l, d)
+        hidden, residual = self.run_block(self.mid_block, hidden, residual)             # (b, l, d)
+        for block in self.out_blocks:
+            hidden, residual = self.run_block(block, hidden, residual, skips.pop())     # (b, l, d)
+        return residual + drop_path(hidden, self.final_drop_path, self.training).float()  # (b, l, d)
 
-        out = self.final_layer(hidden, c)                                              # (b, l, p*p*out_c)
-        return self.unpatchify(out[:, self.extras:])                                   # (b, out_c, h, w)
+    def run_block(self, block, hidden, residual, skip=None):
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, hidden, residual, skip, use_reentrant=False)
+        return block(hidden, residual, skip)
+
+    def unpatchify(self, x):
+        """(b, num_patches, p*p*c) -> (b, c, h, w); the patches form a rows x cols grid."""
+        grid, p = self.image_size // self.patch_size, self.patch_size
+        return rearrange(x, "b (rows cols) (p1 p2 c) -> b c (rows p1) (cols p2)", rows=grid, cols=grid, p1=p, p2=p)
 
 
 # The official sizes (models_dis.py): width / depth, patch size 2 or 4. "T" (tiny) is ours, for tests and
 # CPU demos. depth counts in- plus out-blocks; with the mid-block there are depth + 1 mixer layers.
-DIS_SIZES = {"T": (128, 6), "S": (368, 24), "B": (768, 24), "M": (768, 48), "L": (1024, 48), "H": (1536, 48)}
+# Defaults of every constructor: image_size=32, in_channels=3, num_classes=0, learn_sigma=True.
+def DiS_T_2(**kwargs): return DiS(hidden_size=128, depth=6, patch_size=2, **kwargs)
+def DiS_T_4(**kwargs): return DiS(hidden_size=128, depth=6, patch_size=4, **kwargs)
+def DiS_S_2(**kwargs): return DiS(hidden_size=368, depth=24, patch_size=2, **kwargs)
+def DiS_S_4(**kwargs): return DiS(hidden_size=368, depth=24, patch_size=4, **kwargs)
+def DiS_B_2(**kwargs): return DiS(hidden_size=768, depth=24, patch_size=2, **kwargs)
+def DiS_B_4(**kwargs): return DiS(hidden_size=768, depth=24, patch_size=4, **kwargs)
+def DiS_M_2(**kwargs): return DiS(hidden_size=768, depth=48, patch_size=2, **kwargs)
+def DiS_M_4(**kwargs): return DiS(hidden_size=768, depth=48, patch_size=4, **kwargs)
+def DiS_L_2(**kwargs): return DiS(hidden_size=1024, depth=48, patch_size=2, **kwargs)
+def DiS_L_4(**kwargs): return DiS(hidden_size=1024, depth=48, patch_size=4, **kwargs)
+def DiS_H_2(**kwargs): return DiS(hidden_size=1536, depth=48, patch_size=2, **kwargs)
+def DiS_H_4(**kwargs): return DiS(hidden_size=1536, depth=48, patch_size=4, **kwargs)
 
 
-def _constructor(width, depth, patch):
-    def build(image_size=32, in_channels=3, num_classes=0, learn_sigma=True, **kwargs):
-        return DiS(image_size=image_size, patch_size=patch, in_channels=in_channels, hidden_size=width,
-                   depth=depth, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
-    return build
-
-
-DiS_models = {f"DiS-{size}/{p}": _constructor(w, d, p) for size, (w, d) in DIS_SIZES.items() for p in (2, 4)}
+DiS_models = {
+    "DiS-T/2": DiS_T_2, "DiS-T/4": DiS_T_4, "DiS-S/2": DiS_S_2, "DiS-S/4": DiS_S_4,
+    "DiS-B/2": DiS_B_2, "DiS-B/4": DiS_B_4, "DiS-M/2": DiS_M_2, "DiS-M/4": DiS_M_4,
+    "DiS-L/2": DiS_L_2, "DiS-L/4": DiS_L_4, "DiS-H/2": DiS_H_2, "DiS-H/4": DiS_H_4,
+}
 
 
 def create_model(name, **kwargs):
@@ -552,44 +363,25 @@ def create_model(name, **kwargs):
     return DiS_models[name](**kwargs)
 
 
-def scan_flops(b, d, l, n):
-    """Elementwise FLOPs of one selective scan (1 multiply-add = 2 FLOPs; exp, softplus, sigmoid = 1 each):
-    per (b, d, l, n): dt*A, exp, (dt u)*B, h = dA*h + dBu (2), y += h*C (2)           -> 7
-    per (b, d, l):    bias add, softplus, dt*u, D*u + y (2), silu(z) (2), gate          -> 8"""
-    return b * d * l * (7 * n + 8)
+def model_from_config(config):
+    """The model that a checkpoint's "config" (written by train.py) describes, with fresh weights."""
+    return create_model(config["model"], image_size=config["input_size"], in_channels=config["in_channels"],
+                        num_classes=config["num_classes"], learn_sigma=config["learn_sigma"])
 
 
-def count_flops(model, batch=1):
-    """Forward FLOPs of a DiS model for `batch` inputs of its own size, 1 multiply-add = 2 FLOPs.
-    Returns {"matmul": every Linear, conv and the patch embedding, "scan": the selective scans' elementwise
-    work, "total"}. Norms, activations and additions outside the scan are left out (a few percent).
-    The official numbers came from a hook counter that misses the mixer's projections and the scan."""
-    d, L = model.hidden_size, model.extras + model.num_patches
-    m = model.mid_block.mixer
-    e, n = m.in_proj.out_features // 2, m.forward_ssm.d_state
-    r, k = m.forward_ssm.dt_rank, m.forward_ssm.conv1d.kernel_size[0]
-    p, c = model.patch_size, model.in_channels
-    layers = model.depth + 1
-    mm = 2 * c * p * p * d * model.num_patches                          # patch embedding
-    mm += 2 * (d * 4 * d + 4 * d * d)                                   # time MLP
-    per_layer = 2 * L * d * 2 * e + 2 * L * e * d                       # in_proj, out_proj
-    # per direction: the causal conv (on l + k - 1 padded outputs), x_proj, dt_proj
-    per_layer += 2 * (2 * e * k * (L + k - 1) + 2 * L * e * (r + 2 * n) + 2 * L * r * e)
-    mm += layers * per_layer
-    mm += (model.depth // 2) * 2 * L * 2 * d * d                        # skip linears
-    if model.num_classes > 0:
-        mm += 2 * d * 2 * d                                             # adaLN
-    mm += 2 * L * d * p * p * model.out_channels                        # final linear (on every token)
-    scan = layers * 2 * scan_flops(1, e, L, n)
-    return {"matmul": batch * mm, "scan": batch * scan, "total": batch * (mm + scan)}
+def mixed_precision(device):
+    """The one precision policy of training, sampling and bench.py: bf16 autocast on CUDA (the scan and the
+    residual stream stay float32 inside DiS), plain float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 #################################################################################
 #                                4. Diffusion                                   #
 #################################################################################
 # Gaussian diffusion as DiT and DiS train it (DiT's diffusion/gaussian_diffusion.py, after improved-DDPM):
-# a linear beta schedule over 1000 steps, the network predicts the noise eps and, with learn_sigma,
-# a value v in [-1, 1] that interpolates the log-variance between beta_t and the posterior variance.
+# a linear beta schedule over 1000 steps (scaled as DiT does for other lengths), the network predicts the
+# noise eps and, with learn_sigma, a value v in [-1, 1] that interpolates the log-variance between beta_t and
+# the posterior variance.
 # The loss is MSE(eps) + the variational bound (VLB) term, which trains only the variance.
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -619,9 +411,12 @@ class Diffusion:
     A respaced copy (respace) keeps a subset of the steps with recomputed betas; timestep_map says which
     training timestep (0..999) each of its steps stands for, and the model always sees those."""
 
+    DEFAULT_STEPS = {"ddpm": 250, "ddim": 50}   # sampling steps when none are given (DiT's sample.py, DDIM paper)
+
     def __init__(self, num_timesteps=1000, betas=None, timestep_map=None):
-        if betas is None:  # linear schedule, as DDPM / DiT
-            betas = torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64)
+        if betas is None:  # linear schedule (DDPM, DiT), stretched so that any T ends as close to noise as T = 1000
+            scale = 1000 / num_timesteps
+            betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
         self.betas = betas.to(torch.float64)
         self.num_timesteps = len(self.betas)
         self.timestep_map = torch.arange(self.num_timesteps) if timestep_map is None else timestep_map
@@ -635,10 +430,20 @@ class Diffusion:
         self.posterior_mean_coef1 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * (1 - self.betas).sqrt() / (1 - self.alphas_cumprod)
 
+    def sampling_steps(self, sampler, steps=None):
+        """`steps`, or the sampler's default, checked against this schedule (scripts check flags with it)."""
+        if sampler not in self.DEFAULT_STEPS:
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        return self.check_steps(steps or self.DEFAULT_STEPS[sampler])
+
+    def check_steps(self, steps):
+        if not 2 <= steps <= self.num_timesteps:   # one step would start at t = 0, not from noise
+            raise ValueError(f"the number of sampling steps must be in [2, {self.num_timesteps}], got {steps}")
+        return steps
+
     def respace(self, steps):
         """A schedule with `steps` evenly spaced steps of this one (improved-DDPM's space_timesteps)."""
-        if not 2 <= steps <= self.num_timesteps:
-            raise ValueError(f"the number of sampling steps must be in [2, {self.num_timesteps}], got {steps}")
+        self.check_steps(steps)
         stride = (self.num_timesteps - 1) / (steps - 1)
         keep = sorted({round(i * stride) for i in range(steps)})
         acp = self.alphas_cumprod[keep]
@@ -646,14 +451,14 @@ class Diffusion:
         return Diffusion(betas=betas, timestep_map=self.timestep_map[keep])
 
     @staticmethod
-    def _at(table, t, x):
+    def _per_sample(table, t, x):
         """table[t] shaped to broadcast against x (b, ...), in x's dtype."""
         return table.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(acp_t) x_0 + sqrt(1 - acp_t) eps"""
         # the square roots are taken in float64, before the cast: 1 - acp is tiny for small t
-        signal, sigma = self._at(self.alphas_cumprod.sqrt(), t, x0), self._at((1 - self.alphas_cumprod).sqrt(), t, x0)
+        signal, sigma = self._per_sample(self.alphas_cumprod.sqrt(), t, x0), self._per_sample((1 - self.alphas_cumprod).sqrt(), t, x0)
         return signal * x0 + sigma * noise
 
     def p_mean_variance(self, model_out, x_t, t, clip_denoised=False):
@@ -662,29 +467,29 @@ class Diffusion:
         c = x_t.shape[1]
         if model_out.shape[1] == 2 * c:
             eps, v = model_out.split(c, dim=1)
-            min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._at(torch.log(self.betas), t, x_t)
+            min_log = self._per_sample(self.posterior_log_variance_clipped, t, x_t)
+            max_log = self._per_sample(torch.log(self.betas), t, x_t)
             frac = (v + 1) / 2                                   # v in [-1, 1] -> [0, 1]
             log_var = frac * max_log + (1 - frac) * min_log
         elif model_out.shape[1] == c:
             eps = model_out
             large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
-            log_var = self._at(torch.log(large), t, x_t).expand_as(x_t)
+            log_var = self._per_sample(torch.log(large), t, x_t).expand_as(x_t)
         else:
             raise ValueError(f"the model returned {model_out.shape[1]} channels for {c}-channel inputs; "
                              f"expected {c} or {2 * c} (with learned sigma)")
-        recip, recip_m1 = (self._at(v.sqrt(), t, x_t) for v in (1 / self.alphas_cumprod, 1 / self.alphas_cumprod - 1))
+        recip, recip_m1 = (self._per_sample(v.sqrt(), t, x_t) for v in (1 / self.alphas_cumprod, 1 / self.alphas_cumprod - 1))
         x0 = recip * x_t - recip_m1 * eps                                     # invert q_sample
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        mean = self._per_sample(self.posterior_mean_coef1, t, x_t) * x0 + self._per_sample(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, log_var, x0, eps
 
     def vb_terms_bpd(self, model_out, x0, x_t, t):
         """The VLB term in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and
         the decoder's negative log-likelihood of x_0 at t = 0, each averaged over non-batch dims. (b,)"""
-        true_mean = self._at(self.posterior_mean_coef1, t, x0) * x0 + self._at(self.posterior_mean_coef2, t, x0) * x_t
-        true_log_var = self._at(self.posterior_log_variance_clipped, t, x0)
+        true_mean = self._per_sample(self.posterior_mean_coef1, t, x0) * x0 + self._per_sample(self.posterior_mean_coef2, t, x0) * x_t
+        true_log_var = self._per_sample(self.posterior_log_variance_clipped, t, x0)
         mean, log_var, _, _ = self.p_mean_variance(model_out, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
@@ -715,10 +520,9 @@ class Diffusion:
         "ddim": deterministic for eta = 0 (default 50 steps). With labels y and cfg_scale != 1, classifier-
         free guidance: the conditional and null-label halves run in one batch, and every noise channel
         is guided; the variance comes from the conditional half. clip_denoised: clamp the predicted x_0
-        to [-1, 1] (right for pixels, wrong for latents)."""
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        steps = steps or (250 if sampler == "ddpm" else 50)
+        to [-1, 1] (right for pixels, wrong for latents). progress: True for a progress bar of its own, or a tqdm bar
+        (of several calls) that advances by one per step."""
+        steps = self.sampling_steps(sampler, steps)
         num_classes = getattr(model_fn, "num_classes", None)
         if y is not None and num_classes is not None:
             check_labels(y, num_classes)
@@ -737,11 +541,11 @@ class Diffusion:
         schedule = self.respace(steps)
         x = torch.randn(shape, generator=generator, device=device)
         c = shape[1]
-        indices = range(schedule.num_timesteps - 1, -1, -1)
-        if progress:
+        bar = progress
+        if progress is True:
             from tqdm.auto import tqdm
-            indices = tqdm(indices, desc=f"{sampler} sampling")
-        for i in indices:
+            bar = tqdm(total=steps, desc=f"{sampler} sampling")
+        for i in range(schedule.num_timesteps - 1, -1, -1):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             t_model = schedule.timestep_map.to(device)[t]
             if guided:
@@ -765,6 +569,10 @@ class Diffusion:
                 eps = (x / math.sqrt(acp) - x0) / math.sqrt(1 / acp - 1)
                 sigma = eta * math.sqrt((1 - acp_prev) / (1 - acp) * (1 - acp / acp_prev))
                 x = x0 * math.sqrt(acp_prev) + math.sqrt(1 - acp_prev - sigma ** 2) * eps + sigma * noise
+            if bar:
+                bar.update(1)
+        if progress is True:
+            bar.close()
         return x
 
 
@@ -775,3 +583,291 @@ def check_labels(y, num_classes):
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"class labels must be in [0, {num_classes - 1}], "
                          f"got values from {int(y.min())} to {int(y.max())}")
+
+
+#################################################################################
+#                          5. Making it fast                                    #
+#################################################################################
+# Section 1's loop keeps every (b, d_inner, l, n) intermediate for autograd: at DiS-S/2 sizes that is
+# gigabytes per layer. Three faster implementations of the same function, chosen by selective_scan:
+#   selective_scan_lean   PyTorch. Forward: the same recurrence, chunk by chunk, keeping one state per chunk.
+#                         Backward: written by hand; recomputes each chunk's states from its saved start
+#                         (the trick of mamba-ssm's CUDA kernel), so only (b, d_inner, l)-sized tensors and
+#                         the chunk states are kept. The default.
+#   mamba-ssm's kernel    selective_scan_fn, a fused CUDA kernel; used on CUDA when the package is installed.
+#   scan_triton.py        an optional Triton kernel with the same algorithm (CUDA; nothing to compile).
+
+def _discretize(u, delta, A, B, delta_bias, delta_softplus):
+    """The lean scan's first step: inputs in the compute dtype, and the step size dt = softplus(delta + bias)."""
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, A, B = u.to(dtype), delta.to(dtype), A.to(dtype), B.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    dt = F.softplus(delta) if delta_softplus else delta                       # (b, d_inner, l)
+    return u, dt, A, B
+
+
+def _finish(y, u, D, z, out_dtype):
+    """The lean scan's last step: the skip term D * u and the silu(z) gate, then back to the input dtype."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]                                    # (b, d_inner, l)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))                                         # (b, d_inner, l)
+    return y.to(out_dtype)
+
+
+def _no_autocast(u):
+    # The lean scan contracts with matmul on CUDA, which autocast would run in bf16: keep it float32.
+    return torch.autocast(u.device.type if u.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu", enabled=False)
+
+
+def _token_major(x):
+    """(b, ., l) -> a contiguous (l, b, .): each token's slice is then one contiguous block of memory,
+    which is what makes the per-token loop fast."""
+    return x.permute(2, 0, 1).contiguous()
+
+
+def _batch_major(x):
+    """(l, b, .) -> (b, ., l), the inverse of _token_major (a view)."""
+    return x.permute(1, 2, 0)
+
+
+class _LeanScan(torch.autograd.Function):
+    """The memory-lean scan; tensors inside are token-major: (l, b, d_inner) and (l, b, n), and the
+    per-chunk tensors (chunk, b, d_inner, n). The two contractions (over n, and over d_inner) run as a
+    batched matrix-vector product where matmul=True (faster on GPUs) or as a multiply-and-sum (faster
+    on CPUs): bench.py's scan table compares them."""
+
+    @staticmethod
+    def _chunk_terms(dt, dtu, A, B, start, end):
+        """Decay exp(dt_t A) and drive (dt_t u_t) B_t of tokens start..end-1, each (chunk, b, d_inner, n)."""
+        decay = torch.exp(dt[start:end, ..., None] * A)                                  # (chunk, b, d_inner, n)
+        drive = dtu[start:end, ..., None] * B[start:end, :, None, :]                     # (chunk, b, d_inner, n)
+        return decay, drive
+
+    @staticmethod
+    def _states(h, decay, drive):
+        """h_t = decay_t * h_{t-1} + drive_t for the tokens of one chunk, starting from h (b, d_inner, n)."""
+        hs = torch.empty_like(drive)                                                    # (chunk, b, d_inner, n)
+        for t in range(drive.shape[0]):
+            h = torch.addcmul(drive[t], decay[t], h, out=hs[t])                         # (b, d_inner, n)
+        return hs
+
+    @staticmethod
+    def _sum_over_n(x, v, out, matmul):
+        """out = sum_n x * v: x (chunk, b, d_inner, n), v (chunk, b, n) -> out (chunk, b, d_inner)."""
+        if matmul:
+            return torch.matmul(x, v[..., None], out=out[..., None])
+        return torch.sum(x * v[:, :, None, :], -1, out=out)
+
+    @staticmethod
+    def _sum_over_d_inner(x, v, out, matmul):
+        """out = sum_d_inner x * v: x (chunk, b, d_inner, n), v (chunk, b, d_inner) -> out (chunk, b, n)."""
+        if matmul:
+            return torch.matmul(x.transpose(-1, -2), v[..., None], out=out[..., None])
+        return torch.sum(x * v[..., None], 2, out=out)
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul):
+        with _no_autocast(u):
+            u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+            dt_l, dtu_l = _token_major(dt), _token_major(dt * u32)                      # (l, b, d_inner)
+            B_l, C_l = _token_major(B32), _token_major(C.to(u32.dtype))                 # (l, b, n)
+            l = u.shape[-1]
+            h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])                       # (b, d_inner, n)
+            starts, y_l = [], torch.empty_like(dt_l)                                    # y_l: (l, b, d_inner)
+            for start in range(0, l, chunk):
+                end = min(start + chunk, l)
+                starts.append(h)
+                hs = _LeanScan._states(h, *_LeanScan._chunk_terms(dt_l, dtu_l, A32, B_l, start, end))
+                h = hs[-1].clone()              # a copy, so that the chunk's states can be freed
+                _LeanScan._sum_over_n(hs, C_l[start:end], y_l[start:end], matmul)       # <h_t, C_t>
+            out = _finish(_batch_major(y_l), u32, D, z, u.dtype)                        # (b, d_inner, l)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts))  # starts: (chunks, b, d_inner, n)
+        ctx.delta_softplus, ctx.chunk, ctx.matmul = delta_softplus, chunk, matmul
+        return out
+
+    # Backward, derived. Write a_t = exp(dt_t A) (the decay), h_t = a_t h_{t-1} + (dt_t u_t) B_t,
+    # y_t = <h_t, C_t> + D u_t, out_t = y_t silu(z_t), and g_X for dLoss/dX. Each gradient, and the variable
+    # that holds it:
+    #   g_y_t       = g_out_t silu(z_t)                                  g_y   (g_y_l token-major)
+    #   g_z_t       = g_out_t y_t silu'(z_t)                             g_z   (needs y_t: recomputed)
+    #   g_h_t       = g_y_t C_t + a_{t+1} g_h_{t+1}   (adjoint recurrence, last token first)
+    #                                                                    g_h   per chunk; carry between chunks
+    #   g_C_t       = sum_d_inner g_y_t h_t                              g_C_l
+    #   g_B_t       = sum_d_inner g_h_t (dt_t u_t)                       g_B_l
+    #   g_(dt u)_t  = <g_h_t, B_t>                                       g_dtu_l
+    #   g_(dt A)_t  = g_h_t a_t h_{t-1} = g_h_t (h_t - dt_t u_t B_t)     g_dtA (no shifted copy of the states)
+    #   g_A         = sum_{b,t} g_(dt A)_t dt_t                          g_A
+    #   g_dt_t      = <g_(dt A)_t, A> + g_(dt u)_t u_t                   g_dt_l, then g_dt
+    #   g_u_t       = g_(dt u)_t dt_t + g_y_t D                          g_u
+    #   g_D         = sum_{b,t} g_y_t u_t                                g_D
+    #   g_delta_t   = g_dt_t sigmoid(delta_t + delta_bias)  (softplus' = sigmoid; g_dt itself without softplus)
+    #   g_delta_bias = sum_{b,t} g_delta_t                               g_bias
+    # test_lean_scan_gradcheck checks every one against finite differences in float64, and
+    # test_scan_equals_naive_float64_recurrence against autograd through an element-by-element loop.
+    @staticmethod
+    def backward(ctx, g_out):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        matmul = ctx.matmul
+        with _no_autocast(u):
+            u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, ctx.delta_softplus)
+            C32, g_out = C.to(u32.dtype), g_out.to(u32.dtype)
+            D32 = D.to(u32.dtype)[:, None] if D is not None else None                  # (d_inner, 1)
+            if z is not None:
+                z32 = z.to(u32.dtype)
+                sig = torch.sigmoid(z32)                                                # (b, d_inner, l)
+                g_y = g_out * z32 * sig                                                 # g_out * silu(z)
+                g_silu = g_out * sig * (1 + z32 * (1 - sig))                            # g_out * silu'(z)
+            else:
+                g_y = g_out
+            g_u = g_y * D32 if D is not None else torch.zeros_like(u32)                 # (b, d_inner, l)
+            g_D = (g_y * u32).sum((0, 2)).to(D.dtype) if D is not None else None
+            dt_l, dtu_l, B_l, C_l = _token_major(dt), _token_major(dt * u32), _token_major(B32), _token_major(C32)
+            g_y_l = _token_major(g_y)                                                   # (l, b, d_inner)
+            y_l = torch.empty_like(dt_l) if z is not None else None                     # <h_t, C_t>, (l, b, d_inner)
+            g_dt_l, g_dtu_l = torch.empty_like(dt_l), torch.empty_like(dt_l)            # (l, b, d_inner)
+            g_B_l, g_C_l = torch.empty_like(B_l), torch.empty_like(C_l)                 # (l, b, n)
+            g_A = torch.zeros_like(A32)                                                 # (d_inner, n)
+            l, chunk = u.shape[-1], ctx.chunk
+            carry = torch.zeros_like(starts[0])                  # a_{t+1} g_h_{t+1} from the next chunk
+            for index, start in reversed(list(enumerate(range(0, l, chunk)))):
+                end = min(start + chunk, l)
+                decay, drive = _LeanScan._chunk_terms(dt_l, dtu_l, A32, B_l, start, end)  # (chunk, b, d_inner, n)
+                hs = _LeanScan._states(starts[index], decay, drive)  # recomputed states   (chunk, b, d_inner, n)
+                if z is not None:
+                    _LeanScan._sum_over_n(hs, C_l[start:end], y_l[start:end], matmul)
+                g_h = g_y_l[start:end, ..., None] * C_l[start:end, :, None, :]          # (chunk, b, d_inner, n)
+                g_h[-1] += carry
+                for t in reversed(range(end - start - 1)):
+                    g_h[t].addcmul_(decay[t + 1], g_h[t + 1])                           # (b, d_inner, n)
+                carry = decay[0] * g_h[0]                                               # (b, d_inner, n)
+                # g_(dt A) = g_h (h_t - drive_t), written into drive's memory (drive is not needed after this)
+                g_dtA = torch.sub(hs, drive, out=drive).mul_(g_h)                       # (chunk, b, d_inner, n)
+                g_A += (g_dtA * dt_l[start:end, ..., None]).sum((0, 1))                 # (d_inner, n)
+                _LeanScan._sum_over_n(g_h, B_l[start:end], g_dtu_l[start:end], matmul)  # (chunk, b, d_inner)
+                torch.sum(g_dtA.mul_(A32), -1, out=g_dt_l[start:end])                   # (chunk, b, d_inner)
+                _LeanScan._sum_over_d_inner(g_h, dtu_l[start:end], g_B_l[start:end], matmul)  # (chunk, b, n)
+                _LeanScan._sum_over_d_inner(hs, g_y_l[start:end], g_C_l[start:end], matmul)   # (chunk, b, n)
+            g_dtu = _batch_major(g_dtu_l)                                               # (b, d_inner, l)
+            g_dt = _batch_major(g_dt_l) + g_dtu * u32                                   # (b, d_inner, l)
+            g_u = g_u + g_dtu * dt
+            g_z = None
+            if z is not None:
+                y = _batch_major(y_l) + u32 * D32 if D is not None else _batch_major(y_l)  # (b, d_inner, l)
+                g_z = (g_silu * y).to(z.dtype)
+            if ctx.delta_softplus:  # back through dt = softplus(delta + delta_bias)
+                pre = delta.to(dt.dtype) + (delta_bias.to(dt.dtype)[:, None] if delta_bias is not None else 0)
+                g_dt = g_dt * torch.sigmoid(pre)
+            g_bias = g_dt.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+        return (g_u.to(u.dtype), g_dt.to(delta.dtype), g_A.to(A.dtype), _batch_major(g_B_l).to(B.dtype),
+                _batch_major(g_C_l).to(C.dtype), g_D, g_z, g_bias, None, None, None)
+
+
+@torch.compiler.disable  # torch.compile would unroll the token loop: compile the rest, run this scan eagerly
+def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=None,
+                        matmul=None):
+    """Memory-lean PyTorch scan; same arguments and result as selective_scan_ref.
+    chunk: tokens per chunk, one saved state each (default 16 on CUDA, 8 elsewhere; bench.py compares sizes).
+    matmul: contract with batched matmul (default on CUDA) or with multiply-and-sum (default elsewhere)."""
+    chunk = chunk or (16 if u.is_cuda else 8)
+    matmul = u.is_cuda if matmul is None else matmul
+    return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul)
+
+
+def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None, device_type="cuda"):
+    """True when mamba-ssm's kernel is installed and accepts these tensors: all on its device (CUDA),
+    float32/16 or bfloat16 inputs, float32 A/D/delta_bias, n <= 256, contiguous last dimension."""
+    if mamba_selective_scan_fn is None:
+        return False
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    return (all(t.device.type == device_type for t in tensors)
+            and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and A.shape[-1] <= 256
+            and all(t.dtype == torch.float32 for t in (A, D, delta_bias) if t is not None)
+            and all(t.stride(-1) == 1 for t in tensors))
+
+
+def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias):
+    if u.ndim != 3 or A.ndim != 2:
+        raise ValueError(f"selective_scan: u must be (b, d_inner, l) and A (d_inner, n), "
+                         f"got {tuple(u.shape)} and {tuple(A.shape)}")
+    b, d_inner, l = u.shape
+    n = A.shape[-1]
+    expected = {"delta": (delta, (b, d_inner, l)), "A": (A, (d_inner, n)), "B": (B, (b, n, l)),
+                "C": (C, (b, n, l)), "D": (D, (d_inner,)), "z": (z, (b, d_inner, l)), "delta_bias": (delta_bias, (d_inner,))}
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {shape} for u of "
+                             f"shape (b, d_inner, l) = {(b, d_inner, l)} and A of shape (d_inner, n) = {(d_inner, n)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported (DiS uses real A)")
+
+
+# The one switch: which implementation selective_scan uses.
+#   "auto"      mamba-ssm's kernel where it can run, else the lean PyTorch scan
+#   "torch"     always the lean PyTorch scan
+#   "mamba_ssm" always mamba-ssm's kernel (an error where it cannot run)
+#   "triton"    the Triton kernel of scan_triton.py (CUDA; an error where it cannot be imported)
+SCAN_BACKEND = "auto"
+SCAN_BACKENDS = ("auto", "torch", "mamba_ssm", "triton")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend=None):
+    """The selective scan with mamba-ssm's signature (selective_scan_fn); the math is section 1's
+    selective_scan_ref. backend: None for the module-level SCAN_BACKEND, or one of SCAN_BACKENDS."""
+    backend = backend or SCAN_BACKEND
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"scan backend must be one of {', '.join(map(repr, SCAN_BACKENDS))}, got {backend!r}")
+    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if backend == "triton":
+        try:
+            from scan_triton import selective_scan_triton
+        except ImportError as e:
+            raise RuntimeError(f"scan backend 'triton' needs scan_triton.py beside DiS.py and Triton ({e}); "
+                               f"set DiS.SCAN_BACKEND = 'auto' for the PyTorch scan") from e
+        return selective_scan_triton(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    if backend != "torch" and mamba_kernel_usable(u, delta, A, B, C, D, z, delta_bias):
+        return mamba_selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias,
+                                       delta_softplus=delta_softplus)
+    if backend == "mamba_ssm":
+        raise RuntimeError("scan backend 'mamba_ssm' was forced, but mamba-ssm is not installed or these "
+                           "tensors do not suit its kernel (CUDA, float32 A/D/delta_bias, n <= 256, "
+                           "contiguous last dim); set DiS.SCAN_BACKEND = 'auto' to fall back to PyTorch")
+    return selective_scan_lean(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
+#################################################################################
+#                          6. Counting FLOPs                                    #
+#################################################################################
+
+def scan_flops(b, d_inner, l, n):
+    """Elementwise FLOPs of one selective scan (1 multiply-add = 2 FLOPs; exp, softplus, sigmoid = 1 each):
+    per (b, d_inner, l, n): dt*A, exp, (dt u)*B, h = decay*h + drive (2), y += h*C (2)   -> 7
+    per (b, d_inner, l):    bias add, softplus, dt*u, D*u + y (2), silu(z) (2), gate      -> 8"""
+    return b * d_inner * l * (7 * n + 8)
+
+
+def count_flops(model, batch=1):
+    """Forward FLOPs of a DiS model for `batch` inputs of its own size, 1 multiply-add = 2 FLOPs.
+    Returns {"matmul": every Linear, conv and the patch embedding, "scan": the selective scans' elementwise
+    work, "total"}. Norms, activations and additions outside the scan are left out (a few percent).
+    The official numbers came from a hook counter that misses the mixer's projections and the scan."""
+    d, l = model.hidden_size, model.extras + model.num_patches
+    ssm = model.mid_block.mixer.forward_ssm
+    d_inner, n, dt_rank, d_conv = ssm.D.shape[0], ssm.d_state, ssm.dt_rank, ssm.conv1d.kernel_size[0]
+    p, c = model.patch_size, model.in_channels
+    layers = model.depth + 1
+    mm = 2 * c * p * p * d * model.num_patches                          # patch embedding
+    mm += 2 * (d * 4 * d + 4 * d * d)                                   # time MLP
+    per_layer = 2 * l * d * 2 * d_inner + 2 * l * d_inner * d           # in_proj, out_proj
+    # per direction: the causal conv (on l + d_conv - 1 padded outputs), x_proj, dt_proj
+    per_layer += 2 * (2 * d_inner * d_conv * (l + d_conv - 1) + 2 * l * d_inner * (dt_rank + 2 * n)
+                      + 2 * l * dt_rank * d_inner)
+    mm += layers * per_layer
+    mm += (model.depth // 2) * 2 * l * 2 * d * d                        # skip linears
+    if model.num_classes > 0:
+        mm += 2 * d * 2 * d                                             # adaLN
+    mm += 2 * l * d * p * p * model.out_channels                        # final linear (on every token)
+    scan = layers * 2 * scan_flops(1, d_inner, l, n)
+    return {"matmul": batch * mm, "scan": batch * scan, "total": batch * (mm + scan)}

@@ -1,12 +1,20 @@
 """
-Benchmarks for DiS.py, four tables: the scan, the model (training and sampling), DiS vs DiT, model sizes.
+Benchmarks for DiS.py, four tables: the scan, the model (training and sampling), DiS vs DiT, model sizes;
+and a profiling mode for one model's training step.
     python bench.py                          # small shapes on CPU, a few minutes
     python bench.py --preset target          # the DiS-S/2 CIFAR-10 shapes on CPU (README's CPU figures)
     python bench.py --preset gpu --device cuda --markdown bench_gpu.md
+    python bench.py --preset gpu-quick --device cuda      # only the headline rows, meant for under 5 minutes on an H100
+    python bench.py --profile --device cuda --model DiS-S/2 --batch 128 --profile-scan triton   # [--compile]
+    python bench.py --profile --device cpu --model DiS-T/4 --batch 8      # writes profile_DiS-T_4_torch.txt
 Times are medians over --repeats runs after a warm-up (CUDA synchronised). Peak memory: on CUDA the
 allocator's peak; on CPU the growth of the process's peak resident set, each case in a fresh process.
+Every row names the scan it runs (lean, ref, triton, mamba-ssm, stand-in): nothing picks a kernel behind
+its back. Rows that cannot run here (Triton off CUDA, mamba-ssm not installed) are skipped and listed.
+--profile writes torch.profiler's operator table (no traces) of 3 training steps after a warm-up.
 """
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -20,21 +28,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import DiS
-from train import mixed_precision
+from DiS import mixed_precision
 
+# A variant is "<scan or mode>[+compile][+ckpt]": scans lean, ref, triton, mamba-ssm, stand-in (DiS models);
+# modes eager, compile (DiT models). Model runs: (name, image size, channels, classes, batch, variants);
+# samples: (name, image size, channels, classes, batch, variant); peer: (image size, channels, classes, batch,
+# [(name, variant), ...]). scans: shapes (b, d_inner, l, n); scan_names: a subset of the scan rows (default all).
 PRESETS = {
-    # scan shapes (b, d_inner, l, n); model runs: (name, image size, channels, classes, batch, variants)
-    "small": dict(scans=[(4, 256, 66, 16), (4, 256, 258, 16)],
-                  models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt"])],
-                  peer=(32, 3, 4), sample=("DiS-T/4", 32, 1, 16)),
-    "target": dict(scans=[(8, 736, 258, 16), (8, 736, 1026, 16)],
-                   models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt", "lean+compile"])],
-                   peer=(32, 3, 8), sample=("DiS-T/4", 32, 1, 16)),
-    "gpu": dict(scans=[(128, 736, 258, 16), (128, 736, 1026, 16)],
-                models=[("DiS-S/2", 32, 3, 0, 128, ["lean", "lean+compile", "lean+ckpt"]),
-                        ("DiS-S/2", 32, 4, 1000, 128, ["lean"]),   # 256px latents
-                        ("DiS-H/2", 32, 4, 1000, 8, ["lean+ckpt", "lean"])],
-                peer=(32, 3, 128), sample=("DiS-S/2", 32, 3, 128)),
+    "small": dict(scans=[(4, 256, 66, 16), (4, 256, 258, 16)], scan_dtypes=["float32"],
+                  models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt", "stand-in", "stand-in+compile"])],
+                  peer=(32, 3, 0, 4, [("DiS-S/2", "lean"), ("DiT-S/2", "eager"), ("DiT-S/2", "compile")]),
+                  samples=[("DiS-T/4", 32, 1, 0, 16, "lean"), ("DiT-T/4", 32, 1, 0, 16, "eager")],
+                  case_timeout=300),
+    "target": dict(scans=[(8, 736, 258, 16), (8, 736, 1026, 16)], scan_dtypes=["float32"],
+                   models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt", "lean+compile", "stand-in",
+                                                      "stand-in+compile"])],
+                   peer=(32, 3, 0, 8, [("DiS-S/2", "lean"), ("DiT-S/2", "eager"), ("DiT-S/2", "compile")]),
+                   samples=[("DiS-T/4", 32, 1, 0, 16, "lean"), ("DiT-T/4", 32, 1, 0, 16, "eager")]),
+    "gpu": dict(scans=[(128, 736, 258, 16), (128, 736, 1026, 16)], scan_dtypes=["float32", "bfloat16"],
+                models=[("DiS-S/2", 32, 3, 0, 128, ["lean", "lean+compile", "lean+ckpt", "mamba-ssm", "triton",
+                                                    "triton+compile", "stand-in", "stand-in+compile"]),
+                        ("DiS-S/2", 32, 4, 1000, 128, ["lean", "triton", "triton+compile"]),   # 256px latents
+                        ("DiT-S/2", 32, 4, 1000, 128, ["eager", "compile"]),
+                        ("DiS-H/2", 32, 4, 1000, 32, ["lean+ckpt", "triton+ckpt"]),
+                        ("DiT-XL/2", 32, 4, 1000, 32, ["eager", "compile"])],
+                peer=(32, 3, 0, 128, [("DiS-S/2", "lean"), ("DiS-S/2", "triton"), ("DiS-S/2", "triton+compile"),
+                                      ("DiT-S/2", "eager"), ("DiT-S/2", "compile")]),
+                samples=[("DiS-S/2", 32, 3, 0, 128, "lean"), ("DiS-S/2", 32, 3, 0, 128, "triton"),
+                         ("DiT-S/2", 32, 3, 0, 128, "eager")]),
+    # the headline rows only: DiS-S/2 on 256px latents (l = 258 tokens, the scan row's shape) next to DiT-S/2
+    "gpu-quick": dict(scans=[(128, 736, 258, 16)], scan_dtypes=["bfloat16"], scan_names=["lean", "triton"],
+                      models=[("DiS-S/2", 32, 4, 1000, 128, ["triton", "triton+compile", "stand-in",
+                                                             "stand-in+compile"]),
+                              ("DiT-S/2", 32, 4, 1000, 128, ["eager", "compile"])],
+                      samples=[("DiS-S/2", 32, 4, 1000, 128, "triton"), ("DiT-S/2", 32, 4, 1000, 128, "eager")],
+                      tables="scan,model,sample", repeats=3, case_timeout=300),
 }
 
 
@@ -82,35 +110,67 @@ def mambapy_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
     return (y * F.silu(z.transpose(1, 2))).transpose(1, 2)
 
 
-def scan_variants():
-    v = {"lean (default)": DiS.selective_scan_lean, "ref (plain autograd)": DiS.selective_scan_ref}
+def stand_in_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Not a scan: a cheap elementwise function of the scan's inputs, with its output shape and dtype and
+    gradients into every input. Compiled, it reads each input and writes the output once, which is the
+    least any scan kernel must do: the model's speed with it is the ceiling of scan optimisation."""
+    dt = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0)   # (b, d_inner, l)
+    dt = F.softplus(dt) if delta_softplus else dt
+    bc = (B.float() * C.float()).mean(1, keepdim=True)                                     # (b, 1, l)
+    y = u.float() * dt * (bc + A.float().mean(-1)[:, None])                                # (b, d_inner, l)
+    if D is not None:
+        y = y + u.float() * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(u.dtype)
+
+
+def triton_usable(device):
+    """True where the Triton scan runs at benchmark speed: compiled kernels on CUDA (on CPU only Triton's
+    interpreter could run it, far too slowly to time)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import scan_triton
+    except Exception:   # no Triton, or a broken install
+        return False
+    return not scan_triton.INTERPRETED and scan_triton.triton_scan_usable(torch.empty(1, device=device))
+
+
+def scan_variants(device):
+    """The scan table's rows: name -> a function with selective_scan's arguments. Each calls one
+    implementation directly (never the dispatcher), so a row runs exactly the kernel it names."""
+    v = {"lean": DiS.selective_scan_lean, "ref": DiS.selective_scan_ref}
     for chunk in (4, 8, 16, 64):
         v[f"lean chunk={chunk}"] = lambda *a, chunk=chunk, **k: DiS.selective_scan_lean(*a, chunk=chunk, **k)
-    try:
-        import mambapy.pscan  # noqa: F401
-        v["mambapy pscan path"] = mambapy_scan
-    except ImportError:
-        pass
-    if DiS.mamba_selective_scan_fn is not None:
-        v["mamba-ssm kernel"] = DiS.mamba_selective_scan_fn
+    if importlib.util.find_spec("mambapy") is not None:
+        v["mambapy"] = mambapy_scan
+    if DiS.mamba_selective_scan_fn is not None and device.type == "cuda":
+        v["mamba-ssm"] = DiS.mamba_selective_scan_fn
+    if triton_usable(device):
+        from scan_triton import selective_scan_triton
+        v["triton"] = selective_scan_triton
+    v["stand-in"] = stand_in_scan
     return v
 
 
-def scan_case(name, shape, device, repeats):
-    """One row of the scan table (run in a fresh process on CPU, so that peak RSS is this case's alone)."""
+def scan_case(name, shape, dtype, device, repeats):
+    """One row of the scan table (run in a fresh process on CPU, so that peak RSS is this case's alone).
+    u, delta, z, B, C in `dtype` (as the model makes them under autocast); A, D, delta_bias float32."""
     b, d, l, n = shape
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g).to(device)
-    u, delta, z, B, C = mk(b, d, l), mk(b, d, l) * 0.5 - 2, mk(b, d, l), mk(b, n, l), mk(b, n, l)
+    dt = getattr(torch, dtype)
+    u, delta, z, B, C = (x.to(dt) for x in (mk(b, d, l), mk(b, d, l) * 0.5 - 2, mk(b, d, l), mk(b, n, l), mk(b, n, l)))
     A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1).to(device)
     D, bias = torch.ones(d, device=device), mk(d) * 0.1
     params = [t.requires_grad_() for t in (u, delta, B, C, z)]
-    fn = scan_variants()[name]
+    fn = scan_variants(device)[name]
     run = lambda: fn(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True)
 
     def fwd_bwd():
         out = run()
-        torch.autograd.grad(out.sum(), params)
+        torch.autograd.grad(out.float().sum(), params)
     mem = peak_memory_mb(fwd_bwd, device)
     with torch.no_grad():
         t_fwd = timeit(run, repeats, device)
@@ -185,18 +245,57 @@ class MiniDiT(nn.Module):
         return h.view(b, s, s, self.patch, self.patch, self.c_out).permute(0, 5, 1, 3, 2, 4).reshape(b, self.c_out, hgt, hgt)
 
 
-def model_case(spec, device, repeats):
-    """Training-step throughput and peak memory of one model configuration."""
-    name, size, chans, classes, batch, variant = spec
+# DiT's sizes (width, depth, heads, patch); DiT-T/4 is ours, a CPU-sized peer of DiS-T/4 for the small presets
+DIT_CONFIGS = {"DiT-T/4": dict(d=128, depth=6, heads=2, patch=4),
+               "DiT-S/2": dict(d=384, depth=12, heads=6, patch=2),
+               "DiT-XL/2": dict(d=1152, depth=28, heads=16, patch=2)}
+
+SCAN_BACKEND_OF = {"lean": "torch", "triton": "triton", "mamba-ssm": "mamba_ssm"}   # variant -> DiS.SCAN_BACKEND
+
+
+def make_model(name, size, chans, classes):
+    if name in DIT_CONFIGS:
+        return MiniDiT(size, chans, num_classes=classes, **DIT_CONFIGS[name])
+    return DiS.create_model(name, image_size=size, in_channels=chans, num_classes=classes)
+
+
+def use_scan(variant):
+    """Make DiS's mixer run the scan that the variant names. DiS.SSM.forward looks DiS.selective_scan up at
+    call time, so ref and stand-in replace it; the others force DiS.SCAN_BACKEND (each case is its own process)."""
+    scan = variant.split("+")[0]
+    DiS.SCAN_BACKEND = SCAN_BACKEND_OF.get(scan, "torch")
+    if scan == "ref":
+        DiS.selective_scan = lambda *a, backend=None, **k: DiS.selective_scan_ref(*a, **k)
+    elif scan == "stand-in":
+        DiS.selective_scan = lambda *a, backend=None, **k: stand_in_scan(*a, **k)
+    elif scan not in SCAN_BACKEND_OF:
+        raise ValueError(f"unknown scan in variant {variant!r}")
+
+
+def variant_usable(name, variant, device):
+    scan = variant.split("+")[0]
+    if name in DIT_CONFIGS:
+        return True
+    if scan == "triton":
+        return triton_usable(device)
+    if scan == "mamba-ssm":
+        return device.type == "cuda" and DiS.mamba_selective_scan_fn is not None
+    return True
+
+
+def prepare(name, size, chans, classes, variant, device):
+    """The model on device with its variant applied; returns (model, the callable to run: compiled or not)."""
     torch.manual_seed(0)
-    if name.startswith("DiT"):
-        model = MiniDiT(size, chans, num_classes=classes).to(device)
-    else:
-        model = DiS.create_model(name, image_size=size, in_channels=chans, num_classes=classes).to(device)
-        model.grad_checkpoint = "ckpt" in variant
-    if "ref" in variant:
-        DiS.TORCH_SCAN = DiS.selective_scan_ref
-    fwd = torch.compile(model) if "compile" in variant else model
+    model = make_model(name, size, chans, classes).to(device)
+    if name not in DIT_CONFIGS:
+        model.grad_checkpoint = "ckpt" in variant.split("+")
+        use_scan(variant)
+    return model, torch.compile(model) if "compile" in variant.split("+") else model
+
+
+def training_step(name, size, chans, classes, batch, variant, device):
+    """(model, step): one AdamW training step on a fixed random batch, under DiS.mixed_precision."""
+    model, fwd = prepare(name, size, chans, classes, variant, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = DiS.Diffusion()
     x = torch.randn(batch, chans, size, size, device=device)
@@ -208,6 +307,13 @@ def model_case(spec, device, repeats):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return model, step
+
+
+def model_case(spec, device, repeats):
+    """Training-step throughput and peak memory of one model configuration."""
+    batch = spec[4]
+    model, step = training_step(*spec, device)
     t_start = time.perf_counter()
     mem = peak_memory_mb(step, device)  # the first step: it allocates the optimizer state (and compiles)
     first = time.perf_counter() - t_start
@@ -217,21 +323,24 @@ def model_case(spec, device, repeats):
 
 
 def sample_case(spec, device, repeats):
-    name, size, chans, batch = spec
-    model = DiS.create_model(name, image_size=size, in_channels=chans).to(device).eval()
+    """DDIM-50 sampling throughput (labels drawn at random for class-conditional models, no guidance)."""
+    name, size, chans, classes, batch, variant = spec
+    model, fwd = prepare(name, size, chans, classes, variant, device)
+    model.eval()
     diffusion = DiS.Diffusion()
+    y = torch.randint(0, classes, (batch,), device=device) if classes else None
 
     def run():
-        with mixed_precision(device):
-            diffusion.sample(model, (batch, chans, size, size), steps=50, sampler="ddim", device=device)
+        with torch.no_grad(), mixed_precision(device):
+            diffusion.sample(fwd, (batch, chans, size, size), y=y, steps=50, sampler="ddim", device=device)
     t = timeit(run, max(1, repeats // 3), device)
     return {"img_s": batch / t, "batch_s": t}
 
 
-def dit_flops(size, chans, classes):
+def dit_flops(name, size, chans, classes):
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        m = MiniDiT(size, chans, num_classes=classes)
+        m = make_model(name, size, chans, classes)
         x, t = torch.zeros(1, chans, size, size), torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long) if classes else None
     with FlopCounterMode(display=False) as fc:
@@ -239,12 +348,60 @@ def dit_flops(size, chans, classes):
     return fc.get_total_flops()
 
 
+def model_flops(name, size, chans, classes):
+    """Forward FLOPs per image: DiS.count_flops for DiS, torch's FLOP counter for DiT."""
+    if name in DIT_CONFIGS:
+        return dit_flops(name, size, chans, classes)
+    with torch.device("meta"):
+        return DiS.count_flops(make_model(name, size, chans, classes))["total"]
+
+
+#################################################################################
+#                               4. Profiling                                    #
+#################################################################################
+
+def profile(args, device):
+    """--profile: warm-up training steps, then torch.profiler over 3 steps; writes the operator table."""
+    from torch.profiler import ProfilerActivity
+    scan = args.profile_scan or ("triton" if device.type == "cuda" else "torch")
+    if args.model in DIT_CONFIGS:
+        variant = label = "compile" if args.compile else "eager"
+    else:
+        variant = {"torch": "lean"}.get(scan, scan) + ("+compile" if args.compile else "")
+        label = scan + ("_compile" if args.compile else "")
+    spec = (args.model, args.image_size, args.in_channels, args.num_classes, args.batch, variant)
+    _, step = training_step(*spec, device)
+    cuda = device.type == "cuda"
+    for _ in range(args.warmup):
+        step()
+    step_ms = timeit(step, 3, device) * 1e3   # unprofiled, for reference
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            with torch.profiler.record_function("training step"):
+                step()
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    machine = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores"
+    header = (f"# python {' '.join(sys.argv)}\n# {machine}; torch {torch.__version__}; {args.model}, "
+              f"{args.image_size}x{args.image_size}x{args.in_channels}, {args.num_classes} classes, batch "
+              f"{args.batch}, variant {variant}; unprofiled step {step_ms:.1f} ms; 3 profiled steps, sorted by {sort}\n")
+    text = header + prof.key_averages().table(sort_by=sort, row_limit=40)
+    out = args.profile_out or f"profile_{args.model.replace('/', '_')}_{label}.txt"
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"wrote {out}")
+
+
 #################################################################################
 #                                 Tables                                        #
 #################################################################################
 
-def table(title, header, rows):
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def table(title, header, rows, note=None):
+    lines = [f"### {title}", ""] + ([note, ""] if note else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -253,71 +410,127 @@ def fmt(r, key, f="{:.1f}"):
     return r["error"] if "error" in r else f.format(r[key])
 
 
+def ratio_rows(res):
+    """DiS / DiT throughput and memory: the first DiS row against the first DiT row, eager and compiled
+    separately (stand-in rows are not models, so they are left out)."""
+    rows = []
+    for compiled in (False, True):
+        pick = lambda dit: next((k for k, r in res.items() if (k[0] in DIT_CONFIGS) == dit and "error" not in r
+                                 and ("compile" in k[1].split("+")) == compiled and "stand-in" not in k[1]), None)
+        a, b = pick(False), pick(True)
+        if a and b:
+            rows.append([f"{a[0]} / {b[0]}", f"{a[1]} / {b[1]}", "", "", f"{res[a]['img_s'] / res[b]['img_s']:.2f}x",
+                         f"{res[a]['peak_mb'] / max(res[b]['peak_mb'], 1e-9):.2f}x"])
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", choices=list(PRESETS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tables", default="scan,model,sample,peer,size", help="comma-separated subset to run")
-    p.add_argument("--case-timeout", type=int, default=900, help="seconds allowed to one measurement")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: the preset's, else 5)")
+    p.add_argument("--tables", default=None, help="comma-separated subset of scan,model,sample,peer,size "
+                                                  "(default: the preset's, else all)")
+    p.add_argument("--case-timeout", type=int, default=None,
+                   help="seconds allowed to one measurement (default: the preset's, else 900)")
     p.add_argument("--markdown", default=None, help="also write the tables to this markdown file")
+    g = p.add_argument_group("profiling (--profile)")
+    g.add_argument("--profile", action="store_true", help="profile training steps of --model instead of the tables")
+    g.add_argument("--profile-scan", choices=["triton", "torch", "stand-in"], default=None,
+                   help="the scan in DiS models (default: triton on CUDA, torch elsewhere)")
+    g.add_argument("--profile-out", default=None, help="output file (default: profile_<model>_<scan>.txt)")
+    g.add_argument("--model", default="DiS-S/2", help="a DiS model or one of " + ", ".join(DIT_CONFIGS))
+    g.add_argument("--batch", type=int, default=128)
+    g.add_argument("--image-size", type=int, default=32)
+    g.add_argument("--in-channels", type=int, default=4)
+    g.add_argument("--num-classes", type=int, default=1000)
+    g.add_argument("--compile", action="store_true", help="profile the torch.compile'd model")
+    g.add_argument("--warmup", type=int, default=5, help="training steps before profiling")
     p.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    preset = PRESETS[args.preset]
+    args.repeats = args.repeats or preset.get("repeats", 5)
+    args.case_timeout = args.case_timeout or preset.get("case_timeout", 900)
     if args._case:   # a child process: one measurement, printed as JSON
         c = json.loads(args._case)
         fn = {"scan": scan_case, "model": model_case, "sample": sample_case}[c["kind"]]
         res = fn(*c["case"], device, args.repeats) if c["kind"] == "scan" else fn(c["case"], device, args.repeats)
         print(json.dumps(res))
         return
-    preset, wanted = PRESETS[args.preset], args.tables.split(",")
+    if args.profile:
+        profile(args, device)
+        return
+    wanted = (args.tables or preset.get("tables", "scan,model,sample,peer,size")).split(",")
     cpu = os.popen("lscpu | grep 'Model name' | cut -d: -f2").read().strip() or "unknown CPU"
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}, {os.cpu_count()} cores"
-    out = [f"Machine: {machine}; torch {torch.__version__}; `python bench.py --preset {args.preset} --device {args.device}`\n"]
+    out = [f"Machine: {machine}; torch {torch.__version__}; `python bench.py --preset {args.preset} --device "
+           f"{args.device} --repeats {args.repeats}`\n"]
     print(out[0])
+    skipped = []
+    mixed = "bf16 autocast" if args.device == "cuda" else "float32"
 
     if "scan" in wanted:
-        rows = []
+        rows, here = [], list(scan_variants(device))
+        names = [s for s in preset.get("scan_names", here) if s in here]
+        skipped += [f"scan {s}" for s in preset.get("scan_names", here) if s not in here]
         for shape in preset["scans"]:
-            for name in scan_variants():
-                r = in_subprocess("scan", args, [name, shape])
-                rows.append([name, "x".join(map(str, shape)), fmt(r, "fwd_ms"), fmt(r, "fwd_bwd_ms"), fmt(r, "peak_mb", "{:.0f}")])
-                print(rows[-1], flush=True)
-        out.append(table("Selective scan (b x d_inner x l x n), float32", ["scan", "shape", "forward ms", "fwd+bwd ms", "peak MB"], rows))
+            for dtype in preset["scan_dtypes"]:
+                for name in names:
+                    r = in_subprocess("scan", args, [name, shape, dtype])
+                    rows.append([name, "x".join(map(str, shape)), dtype, fmt(r, "fwd_ms"), fmt(r, "fwd_bwd_ms"),
+                                 fmt(r, "peak_mb", "{:.0f}")])
+                    print(rows[-1], flush=True)
+        out.append(table("Selective scan (b x d_inner x l x n)", ["scan", "shape", "dtype", "forward ms", "fwd+bwd ms",
+                                                                  "peak MB"], rows,
+                         note="dtype: of u, delta, z, B, C (A, D, delta_bias float32). lean: DiS.selective_scan_lean; "
+                              "ref: the plain-autograd loop; triton: scan_triton.py; stand-in: not a scan, reads the "
+                              "inputs and writes the output once (a floor for any kernel)."))
     if "model" in wanted:
         rows = []
         for name, size, chans, classes, batch, variants in preset["models"]:
             for v in variants:
+                if not variant_usable(name, v, device):
+                    skipped.append(f"model {name} {v}")
+                    continue
                 r = in_subprocess("model", args, [name, size, chans, classes, batch, v])
-                rows.append([name, f"{size}x{size}x{chans}", batch, v, fmt(r, "img_s"), fmt(r, "step_ms", "{:.0f}"),
-                             fmt(r, "peak_mb", "{:.0f}"), fmt(r, "first_step_s")])
+                rows.append([name, f"{size}x{size}x{chans}", classes, batch, v, fmt(r, "params_m", "{:.1f}"),
+                             fmt(r, "img_s"), fmt(r, "step_ms", "{:.0f}"), fmt(r, "peak_mb", "{:.0f}"),
+                             fmt(r, "first_step_s")])
                 print(rows[-1], flush=True)
-        out.append(table("Training step (" + ("bf16 autocast" if args.device == "cuda" else "float32") + ")",
-                         ["model", "input", "batch", "variant", "img/s", "step ms", "peak MB", "first step s"], rows))
+        out.append(table(f"Training step ({mixed})", ["model", "input", "classes", "batch", "variant", "params M",
+                                                      "img/s", "step ms", "peak MB", "first step s"], rows,
+                         note="variant: the scan (lean, ref, triton, mamba-ssm, stand-in) or, for DiT, eager; "
+                              "+compile: torch.compile; +ckpt: gradient checkpointing of every block."))
     if "sample" in wanted:
-        name, size, chans, batch = preset["sample"]
-        r = in_subprocess("sample", args, [name, size, chans, batch])
-        out.append(table("Sampling, DDIM-50", ["model", "input", "batch", "img/s", "s per batch"],
-                         [[name, f"{size}x{size}x{chans}", batch, fmt(r, "img_s", "{:.2f}"), fmt(r, "batch_s")]]))
-        print(out[-1], flush=True)
-    if "peer" in wanted:
-        size, chans, batch = preset["peer"]
-        rows, res = [], {}
-        for name in ("DiS-S/2", "DiT-S/2"):
-            res[name] = r = in_subprocess("model", args, [name, size, chans, 0, batch, "lean"])
-            with torch.device("meta"):
-                flops = DiS.count_flops(DiS.create_model("DiS-S/2", image_size=size, in_channels=chans))["total"] \
-                    if name.startswith("DiS") else dit_flops(size, chans, 0)
-            rows.append([name, fmt(r, "params_m", "{:.2f}"), f"{flops / 1e9:.2f}", fmt(r, "img_s"), fmt(r, "peak_mb", "{:.0f}")])
+        rows = []
+        for spec in preset["samples"]:
+            name, size, chans, classes, batch, v = spec
+            if not variant_usable(name, v, device):
+                skipped.append(f"sample {name} {v}")
+                continue
+            r = in_subprocess("sample", args, list(spec))
+            rows.append([name, f"{size}x{size}x{chans}", classes, batch, v, fmt(r, "img_s", "{:.2f}"), fmt(r, "batch_s")])
             print(rows[-1], flush=True)
-        if all("error" not in r for r in res.values()):
-            rows.append(["DiS / DiT", "", "", f"{res['DiS-S/2']['img_s'] / res['DiT-S/2']['img_s']:.2f}x",
-                         f"{res['DiS-S/2']['peak_mb'] / max(res['DiT-S/2']['peak_mb'], 1e-9):.2f}x"])
-        out.append(table(f"DiS vs DiT, training step, {size}x{size}x{chans}, batch {batch}",
-                         ["model", "params M", "forward GFLOPs / image", "img/s", "peak MB"], rows))
+        out.append(table(f"Sampling, DDIM-50 ({mixed})", ["model", "input", "classes", "batch", "variant", "img/s",
+                                                          "s per batch"], rows))
+    if "peer" in wanted and "peer" in preset:
+        size, chans, classes, batch, peers = preset["peer"]
+        rows, res = [], {}
+        for name, v in peers:
+            if not variant_usable(name, v, device):
+                skipped.append(f"peer {name} {v}")
+                continue
+            res[name, v] = r = in_subprocess("model", args, [name, size, chans, classes, batch, v])
+            rows.append([name, v, fmt(r, "params_m", "{:.2f}"), f"{model_flops(name, size, chans, classes) / 1e9:.2f}",
+                         fmt(r, "img_s"), fmt(r, "peak_mb", "{:.0f}")])
+            print(rows[-1], flush=True)
+        rows += ratio_rows(res)
+        out.append(table(f"DiS vs DiT, training step ({mixed}), {size}x{size}x{chans}, {classes} classes, batch {batch}",
+                         ["model", "variant", "params M", "forward GFLOPs / image", "img/s", "peak MB"], rows))
     if "size" in wanted:
         rows = []
         for name in DiS.DiS_models:
@@ -332,6 +545,8 @@ def main():
         out.append(table("Model sizes (forward GFLOPs per image, 1 multiply-add = 2 FLOPs, scan included)",
                          ["model", "params M, 32x32x3", "GFLOPs, 32x32x3", "scan share", "params M, 256px latents, 1000 classes",
                           "GFLOPs, latents", "scan share"], rows))
+    if skipped:
+        out.append(f"Skipped on {args.device} (Triton needs CUDA; mamba-ssm needs its CUDA build): {', '.join(skipped)}\n")
     text = "\n".join(out)
     print(text)
     if args.markdown:

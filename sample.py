@@ -1,6 +1,6 @@
 """
 Sample from a DiS checkpoint made by train.py: a PNG grid and an .npz for FID.
-    python sample.py --ckpt results/000-DiS-S-2/checkpoints/0400000.pt --num-samples 50000
+    python sample.py --ckpt results/000-DiS-S-2 --num-samples 50000
 The model's config comes from the checkpoint (EMA weights when present); no training flag is repeated.
 The .npz holds arr_0 = uint8 images (N, H, W, C), the layout of the ADM evaluation suite, and labels
 (-1 for unconditional models).
@@ -8,53 +8,44 @@ The .npz holds arr_0 = uint8 images (N, H, W, C), the layout of the ADM evaluati
 import argparse
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 
 import DiS
-from train import UserError, load_checkpoint, load_vae, load_weights, mixed_precision, model_from_config, to_images
+from dis_cli import (HelpFormatter, UserError, add_device_flag, load_checkpoint, load_vae, model_from_checkpoint,
+                     pick_device, resolve_checkpoint, run, run_of, to_images)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a DiS checkpoint (see README.md).")
+    p = argparse.ArgumentParser(description="Sample from a DiS checkpoint (see README.md).", formatter_class=HelpFormatter)
     add = p.add_argument
-    add("--ckpt", required=True, help="a checkpoint written by train.py")
-    add("--num-samples", type=int, default=64)
-    add("--batch-size", type=int, default=64)
-    add("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    add("--ckpt", required=True, help="a checkpoint written by train.py, or a run folder (its newest checkpoint)")
+    add("--num-samples", type=int, default=64, help="images to draw")
+    add("--batch-size", type=int, default=64, help="images per sampling batch (per model call: twice that with guidance)")
+    add("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM or deterministic DDIM")
     add("--num-sampling-steps", type=int, default=None, help="default: 250 for ddpm, 50 for ddim")
     add("--cfg-scale", type=float, default=None,
         help="classifier-free guidance scale for class-conditional checkpoints (default 1.5, the official value; "
              "1 = no guidance); not allowed for unconditional ones")
     add("--class-labels", type=int, nargs="+", default=None,
         help="labels to draw, cycled over the samples (default: all classes evenly)")
-    add("--seed", type=int, default=0)
-    add("--out", default=None, help="output path without extension (default: samples/ next to the checkpoint's run)")
+    add("--seed", type=int, default=0, help="random seed of the sampling noise")
+    add("--out", default=None, help="output path without extension (default: samples/ in the checkpoint's run folder)")
     add("--grid", action=argparse.BooleanOptionalAction, default=True, help="write a PNG grid (at most 100 images)")
     add("--npz", action=argparse.BooleanOptionalAction, default=True, help="write the .npz")
     add("--use-ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights when present")
-    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--vae", default=None, help="latent checkpoints: the VAE to decode with (default: the one they were "
                                     "encoded with, a hub name or a local diffusers folder)")
+    add_device_flag(p)
     return p.parse_args(argv)
 
 
-def main(args):
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no GPU")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    ckpt = load_checkpoint(args.ckpt)
-    config = ckpt["config"]
-    model = model_from_config(config).to(device).eval()
-    weights = "ema" if args.use_ema and ckpt.get("ema") is not None else "model"
-    load_weights(model, ckpt[weights], args.ckpt)
-
+def settings(args, config):
+    """Checked sampling settings: (labels or None, guidance scale, sampling steps)."""
     conditional = config["num_classes"] > 0
     if not conditional and (args.cfg_scale is not None or args.class_labels is not None):
         raise UserError("this checkpoint is unconditional: --cfg-scale and --class-labels do not apply; drop them")
-    cfg_scale = (1.5 if args.cfg_scale is None else args.cfg_scale) if conditional else 1.0
     if args.num_samples < 1 or args.batch_size < 1:
         raise UserError("--num-samples and --batch-size must be positive")
     labels = None
@@ -65,39 +56,43 @@ def main(args):
             DiS.check_labels(labels, config["num_classes"])
         except ValueError as e:
             raise UserError(f"--class-labels: {e}")
+    try:
+        steps = DiS.Diffusion().sampling_steps(args.sampler, args.num_sampling_steps)
+    except ValueError as e:
+        raise UserError(f"--num-sampling-steps: {e}")
+    cfg_scale = (1.5 if args.cfg_scale is None else args.cfg_scale) if conditional else 1.0
+    return labels, cfg_scale, steps
 
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
-    steps = args.num_sampling_steps or (250 if args.sampler == "ddpm" else 50)
-    if not 2 <= steps <= 1000:
-        raise UserError(f"--num-sampling-steps must be in [2, 1000], got {steps}")
-    name = (f"{os.path.splitext(os.path.basename(args.ckpt))[0]}-{weights}-{args.sampler}{steps}"
-            f"{f'-cfg{cfg_scale:g}' if conditional else ''}-n{args.num_samples}-seed{args.seed}")
-    out = args.out or os.path.join(run_dir, "samples", name)
+
+def main(args):
+    path = resolve_checkpoint(args.ckpt)
+    if path != args.ckpt:
+        print(f"sampling from {path}, the newest checkpoint in {args.ckpt}")
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    labels, cfg_scale, steps = settings(args, config)
+    weights = "ema" if args.use_ema and ckpt.get("ema") is not None else "model"
+    name = (f"{os.path.splitext(os.path.basename(path))[0]}-{weights}-{args.sampler}{steps}"
+            f"{f'-cfg{cfg_scale:g}' if labels is not None else ''}-n{args.num_samples}-seed{args.seed}")
+    out = args.out or os.path.join(run_of(path), "samples", name)
     targets = [out + ext for ext, on in ((".npz", args.npz), (".png", args.grid)) if on]
     for t in targets:
         if os.path.exists(t):
             raise UserError(f"{t} exists already; pass another --out or --seed, or remove it")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-
+    device = pick_device(args.device)
+    model = model_from_checkpoint(ckpt, path, weights).to(device).eval()
     vae = load_vae(args.vae or config["vae"], device) if config["latents"] else None
-    diffusion = DiS.Diffusion()
-    gen = torch.Generator(device).manual_seed(args.seed)
-    size = (config["in_channels"], config["input_size"], config["input_size"])
-    images = []
-    from tqdm import tqdm
-    for start in tqdm(range(0, args.num_samples, args.batch_size), desc="batches"):
-        n = min(args.batch_size, args.num_samples - start)
-        y = labels[start:start + n].to(device) if conditional else None
-        with mixed_precision(device):
-            x = diffusion.sample(model, (n,) + size, y=y, steps=steps, sampler=args.sampler, cfg_scale=cfg_scale,
-                                 generator=gen, device=device, clip_denoised=not config["latents"])
-        with torch.no_grad():
-            img = to_images(x, vae)                                                # (n, c, H, W) in [0, 1]
-        images.append((img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())  # (n, H, W, c)
-    arr = torch.cat(images).numpy()
+    out_dir = os.path.dirname(os.path.abspath(out))
+    made_dir = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        arr = draw(args, model, config, labels, cfg_scale, steps, device, vae)
+    except KeyboardInterrupt:
+        if made_dir and not os.listdir(out_dir):
+            os.rmdir(out_dir)   # leave nothing behind: no partial files, no empty folder
+        raise
     if args.npz:
-        lab = labels.numpy() if conditional else np.full(len(arr), -1)
-        np.savez(out + ".npz.tmp.npz", arr_0=arr, labels=lab)
+        np.savez(out + ".npz.tmp.npz", arr_0=arr, labels=labels.numpy() if labels is not None else np.full(len(arr), -1))
         os.replace(out + ".npz.tmp.npz", out + ".npz")
     if args.grid:
         import torchvision.utils as vutils
@@ -106,9 +101,26 @@ def main(args):
     print("wrote " + " and ".join(targets))
 
 
+def draw(args, model, config, labels, cfg_scale, steps, device, vae):
+    """All samples as uint8 (N, H, W, C), batch by batch; the progress bar counts sampling steps."""
+    from tqdm import tqdm
+    diffusion = DiS.Diffusion()
+    gen = torch.Generator(device).manual_seed(args.seed)
+    size = (config["in_channels"], config["input_size"], config["input_size"])
+    images = []
+    with tqdm(total=math.ceil(args.num_samples / args.batch_size) * steps, unit="step",
+              desc=f"{args.num_samples} samples, {args.sampler}{steps}") as bar:
+        for start in range(0, args.num_samples, args.batch_size):
+            n = min(args.batch_size, args.num_samples - start)
+            y = labels[start:start + n].to(device) if labels is not None else None
+            with DiS.mixed_precision(device):
+                x = diffusion.sample(model, (n,) + size, y=y, steps=steps, sampler=args.sampler, cfg_scale=cfg_scale,
+                                     generator=gen, device=device, clip_denoised=not config["latents"], progress=bar)
+            with torch.no_grad():
+                img = to_images(x, vae)                                                # (n, c, H, W) in [0, 1]
+            images.append((img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())  # (n, H, W, c)
+    return torch.cat(images).numpy()
+
+
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args())

@@ -1,16 +1,23 @@
 """Tests for DiS.py, train.py and sample.py. Run: pytest test_dis.py  (about 3 minutes on a 2-core CPU).
 Under DIS_CI=1 a test that would skip for a missing optional package fails instead (CUDA and mamba-ssm excepted)."""
 import gzip
+import importlib
 import math
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-import DiS
+if not torch.cuda.is_available():
+    # The Triton scan runs on a CPU only in Triton's interpreter, which must be on before triton is first
+    # imported (importing DiS imports torch.utils.checkpoint, which imports triton) and stay on while
+    # kernels run. Nothing else in these tests uses Triton on a CPU (torch.compile's CPU code is C++).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import DiS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CI = os.environ.get("DIS_CI") == "1"
@@ -59,15 +66,14 @@ SCANS = {"ref": DiS.selective_scan_ref, "lean": DiS.selective_scan_lean,
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 4), (2, 3, 7, 4), (1, 2, 20, 3), (2, 4, 9, 4)])
 @pytest.mark.parametrize("name", list(SCANS) + ["lean_matmul"])
 @pytest.mark.parametrize("extras", ["all", "none"])
-def test_scan_equals_naive_float64_recurrence(shape, name, extras, monkeypatch):
-    if name == "lean_matmul":   # the CUDA form of the lean scan's contractions, on CPU
-        monkeypatch.setattr(DiS, "MATMUL_DEVICES", ("cpu", "cuda"))
-        name = "lean_chunk3"
+def test_scan_equals_naive_float64_recurrence(shape, name, extras):
     x = scan_inputs(*shape)
     if extras == "none":
         x["D"] = x["z"] = x["delta_bias"] = None
     softplus = extras == "all"
-    out = SCANS[name](x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
+    scan = (lambda *a, **k: DiS.selective_scan_lean(*a, chunk=3, matmul=True, **k)) if name == "lean_matmul" \
+        else SCANS[name]   # lean_matmul: the CUDA form of the lean scan's contractions, on CPU
+    out = scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
                       delta_bias=x["delta_bias"], delta_softplus=softplus)
     expected = naive_scan(*(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), softplus)
     assert out.dtype == torch.float64
@@ -80,13 +86,25 @@ def test_scan_equals_naive_float64_recurrence(shape, name, extras, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+def test_reference_scan_can_be_copied_alone():
+    """selective_scan_ref pasted into a file that imports only torch, F and einops runs and is right."""
+    import inspect
+    src = ("import torch\nimport torch.nn.functional as F\nfrom einops import rearrange\n\n\n"
+           + inspect.getsource(DiS.selective_scan_ref))
+    namespace = {}
+    exec(compile(src, "copied.py", "exec"), namespace)
+    x = scan_inputs(2, 3, 6, 4, requires_grad=False)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    torch.testing.assert_close(namespace["selective_scan_ref"](*args, delta_softplus=True),
+                               naive_scan(*args, True), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("chunk,l", [(1, 5), (3, 7), (8, 8), (4, 1)])
 @pytest.mark.parametrize("matmul", [False, True])
-def test_lean_scan_gradcheck(chunk, l, matmul, monkeypatch):
-    if matmul:   # the CUDA form of the contractions, checked here on CPU
-        monkeypatch.setattr(DiS, "MATMUL_DEVICES", ("cpu", "cuda"))
+def test_lean_scan_gradcheck(chunk, l, matmul):
     x = scan_inputs(2, 3, l, 2)
-    fn = lambda *a: DiS.selective_scan_lean(*a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=True, chunk=chunk)
+    fn = lambda *a: DiS.selective_scan_lean(*a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=True,
+                                            chunk=chunk, matmul=matmul)   # matmul: the CUDA form, on CPU
     assert torch.autograd.gradcheck(fn, tuple(x.values()))
 
 
@@ -125,10 +143,15 @@ def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
         calls.append(u.shape)
         return DiS.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     monkeypatch.setattr(DiS, "mamba_selective_scan_fn", stand_in)
-    monkeypatch.setattr(DiS, "KERNEL_DEVICE", "cpu")
     x = scan_inputs(1, 4, 5, 3, dtype=torch.float32, requires_grad=False)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
     kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
+    assert not DiS.mamba_kernel_usable(*args, kw["D"], kw["z"], kw["delta_bias"])   # CPU tensors: not the kernel's
+    DiS.selective_scan(*args, **kw)
+    assert calls == []
+    # from here on, pretend the kernel runs on the CPU: its other conditions still apply
+    usable = DiS.mamba_kernel_usable
+    monkeypatch.setattr(DiS, "mamba_kernel_usable", lambda *a, **k: usable(*a, **k, device_type="cpu"))
     DiS.selective_scan(*args, **kw)
     assert len(calls) == 1                                            # auto: the kernel
     DiS.selective_scan(*args, backend="torch", **kw)
@@ -147,6 +170,8 @@ def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
     monkeypatch.setattr(DiS, "mamba_selective_scan_fn", None)
     with pytest.raises(RuntimeError, match="not installed"):
         DiS.selective_scan(*args, backend="mamba_ssm", **kw)
+    with pytest.raises(ValueError, match="'triton'"):
+        DiS.selective_scan(*args, backend="cuda", **kw)
 
 
 @pytest.mark.skipif(DiS.mamba_selective_scan_fn is None or not torch.cuda.is_available(),
@@ -168,6 +193,174 @@ def test_scan_rejects_bad_shapes():
         DiS.selective_scan(x["u"], x["delta"], x["A"], x["B"][:, :, :4], x["C"])
     with pytest.raises(ValueError, match="delta_bias"):
         DiS.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], delta_bias=torch.zeros(2, dtype=torch.float64))
+
+
+#################################################################################
+#                    The Triton scan (scan_triton.py, optional)                 #
+#################################################################################
+# Without CUDA the kernels run in Triton's CPU interpreter, which is slow per operation: the shapes are tiny,
+# but odd, ragged (l not a multiple of the chunk) and long enough for several chunks.
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPTIONAL = ("D", "z", "delta_bias")
+
+
+@pytest.fixture(scope="module")
+def st():
+    """The scan_triton module, imported on first use (DiS imports it lazily the same way)."""
+    need("triton")
+    mod = importlib.import_module("scan_triton")
+    if not mod.triton_scan_usable(torch.empty(0, device=TRITON_DEVICE)):
+        pytest.fail("no CUDA, and Triton's interpreter is off: triton was imported before TRITON_INTERPRET=1 "
+                    "was set (set it in the environment of the pytest run)")
+    return mod
+
+
+def _scan_inputs(b, d, n, l, dtype=torch.float32, param_dtype=None, seed=0):
+    """All eight scan tensors, float32 values rounded to dtype (A, D, delta_bias in param_dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale
+    x = dict(u=r(b, d, l), delta=r(b, d, l, scale=0.5), A=-(torch.rand(d, n, generator=g) + 0.3),
+             B=r(b, n, l), C=r(b, n, l), D=r(d), z=r(b, d, l), delta_bias=r(d, scale=0.3))
+    pdt = param_dtype or dtype
+    return {k: v.to(pdt if k in ("A", "D", "delta_bias") else dtype).to(TRITON_DEVICE) for k, v in x.items()}
+
+
+def _run(fn, x, delta_softplus, g_out, **kw):
+    """Output and gradients of every input tensor for the upstream gradient g_out."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    out = fn(**leaves, delta_softplus=delta_softplus, **kw)
+    grads = torch.autograd.grad(out, list(leaves.values()), g_out.to(out.dtype))
+    return out, dict(zip(leaves, grads))
+
+
+def _reference(x, delta_softplus, g_out):
+    return _run(DiS.selective_scan_ref, {k: v.double() for k, v in x.items()}, delta_softplus, g_out.double())
+
+
+def _assert_close(actual, expected, rel, what):
+    """|actual - expected| <= rel * (|expected| + max |expected|): relative to each value and to the scale."""
+    assert actual.shape == expected.shape, what
+    err = (actual.double() - expected).abs()
+    bound = rel * (expected.abs() + expected.abs().max() + 1e-12)
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{what}: max error {err.max().item():.3g} is {worst:.3g} x the tolerance (rel {rel})"
+
+
+# (b, d, n, l, chunk, optional inputs given, delta_softplus). The chunk sizes make l > chunk (several chunks)
+# and ragged last chunks; d = 5, n = 3 test the channel and state masks, d = 40 two channel blocks (BLOCK_D 32).
+CASES = [
+    (2, 8, 4, 1, 32, OPTIONAL, True),
+    (2, 8, 16, 7, 4, (), False),
+    (2, 8, 4, 40, 8, OPTIONAL, True),
+    (2, 8, 16, 67, 32, ("D",), True),
+    (2, 5, 3, 23, 8, ("z", "delta_bias"), False),
+    (1, 40, 4, 9, 4, ("D", "delta_bias"), True),
+]
+
+
+@pytest.mark.parametrize("b,d,n,l,chunk,given,softplus", CASES)
+def test_triton_scan_matches_reference_fp32(st, b, d, n, l, chunk, given, softplus):
+    x = _scan_inputs(b, d, n, l)
+    x = {k: v for k, v in x.items() if k not in OPTIONAL or k in given}
+    g_out = torch.randn(b, d, l, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
+    out, grads = _run(st.selective_scan_triton, x, softplus, g_out, chunk=chunk)
+    ref, ref_grads = _reference(x, softplus, g_out)
+    assert out.dtype == torch.float32
+    _assert_close(out, ref, 1e-4, "out")
+    for k in x:
+        assert grads[k].dtype == x[k].dtype, k
+        _assert_close(grads[k], ref_grads[k], 1e-4, f"grad of {k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_scan_half_inputs(st, dtype):
+    """Half-precision activations with float32 A, D, delta_bias (as in mamba-ssm); computed in float32, so
+    only the rounding of the stored results differs from the float64 reference of the same input values."""
+    b, d, n, l = 2, 8, 4, 19
+    x = _scan_inputs(b, d, n, l, dtype=dtype, param_dtype=torch.float32)
+    g_out = torch.randn(b, d, l, generator=torch.Generator().manual_seed(1)).to(dtype).to(TRITON_DEVICE)
+    out, grads = _run(st.selective_scan_triton, x, True, g_out, chunk=8)
+    ref, ref_grads = _reference(x, True, g_out)
+    assert out.dtype == dtype
+    _assert_close(out, ref, 1e-2, "out")
+    for k in x:
+        assert grads[k].dtype == x[k].dtype, k
+        _assert_close(grads[k], ref_grads[k], 1e-2, f"grad of {k}")
+
+
+def test_triton_scan_zero_stride_grad_and_saved_memory(st):
+    """out.sum() sends an expanded (zero-stride) gradient; and autograd keeps nothing of size (b, d, l, n):
+    besides the inputs only one float32 state per chunk."""
+    b, d, n, l, chunk = 2, 8, 16, 24, 8
+    x = {k: v.requires_grad_() for k, v in _scan_inputs(b, d, n, l).items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = st.selective_scan_triton(**x, delta_softplus=True, chunk=chunk)
+    out.sum().backward()
+    ref, ref_grads = _reference({k: v.detach() for k, v in x.items()}, True, torch.ones(b, d, l))
+    for k, v in x.items():
+        _assert_close(v.grad, ref_grads[k], 1e-4, f"grad of {k}")
+    assert torch.Size([b, l // chunk, d, n]) in saved
+    assert max(s.numel() for s in saved) <= max(b * d * l, b * (l // chunk) * d * n)
+
+
+def test_triton_scan_opcheck(st):
+    x = _scan_inputs(1, 4, 2, 5)
+    for v in x.values():
+        v.requires_grad_()
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, 2)
+    torch.library.opcheck(torch.ops.dis_scan.selective_scan_fwd.default, args)
+    out, starts = torch.ops.dis_scan.selective_scan_fwd(*args)
+    assert starts.shape == (1, 3, 4, 2)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.dis_scan.selective_scan_bwd.default,
+                          (torch.randn_like(out),) + tuple(detached[:8]) + (starts.detach(), True, 2))
+
+
+def test_triton_scan_compiles_without_graph_break(st):
+    x = _scan_inputs(2, 8, 4, 12)
+    g_out = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
+
+    def f(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return st.selective_scan_triton(u.sin(), delta, A, B, C, D, z, delta_bias, delta_softplus, chunk=8) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out_c, grads_c = _run(compiled, x, True, g_out)
+    out_e, grads_e = _run(f, x, True, g_out)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-6)
+    for k in x:
+        torch.testing.assert_close(grads_c[k], grads_e[k], rtol=1e-6, atol=1e-6)
+
+
+def test_triton_scan_rejects_bad_inputs(st):
+    x = _scan_inputs(1, 4, 2, 5)
+    with pytest.raises(TypeError):
+        st.selective_scan_triton(**{k: v.double() for k, v in x.items()})
+    with pytest.raises(ValueError):
+        st.selective_scan_triton(**{**x, "B": x["B"][:, :, :4]})
+
+
+def test_triton_backend_in_a_compiled_mixer(st, monkeypatch):
+    """DiS.SCAN_BACKEND = "triton" routes the mixer's scans to the kernel; the mixer compiles without a graph
+    break and equals the lean PyTorch scan, forward and backward."""
+    torch.manual_seed(0)
+    mixer = DiS.BiMamba(8, d_state=4).to(TRITON_DEVICE)
+    x = torch.randn(2, 11, 8, device=TRITON_DEVICE)
+    g = torch.randn(2, 11, 8, device=TRITON_DEVICE)
+    results = []
+    for backend, wrap in (("torch", lambda m: m), ("triton", lambda m: torch.compile(m, fullgraph=True,
+                                                                                     backend="aot_eager"))):
+        monkeypatch.setattr(DiS, "SCAN_BACKEND", backend)
+        torch._dynamo.reset()
+        mixer.zero_grad()
+        out = wrap(mixer)(x)
+        out.backward(g)
+        results.append((out.detach(), [p.grad.clone() for p in mixer.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 #################################################################################
@@ -326,6 +519,17 @@ def test_schedule_values():
     r = d.respace(10)
     assert r.timestep_map.tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
     torch.testing.assert_close(r.alphas_cumprod, d.alphas_cumprod[r.timestep_map])
+
+
+@pytest.mark.parametrize("steps", [50, 100, 4000])
+def test_schedule_of_any_length_ends_in_noise(steps):
+    """DiT's scaling: T steps span betas 1000/T * (1e-4 .. 0.02), so x_T is as close to pure noise as at T = 1000."""
+    d, d1000 = DiS.Diffusion(num_timesteps=steps), DiS.Diffusion()
+    assert len(d.betas) == steps
+    assert d.betas[0].item() == pytest.approx(1e-4 * 1000 / steps)
+    assert d.betas[-1].item() == pytest.approx(0.02 * 1000 / steps)
+    assert d.betas.sum().item() == pytest.approx(d1000.betas.sum().item(), rel=1e-9)   # the same total noise
+    assert d.alphas_cumprod[-1].item() < 1e-4          # x_T is pure noise (unscaled, T = 100 kept 0.36)
 
 
 def std_normal_cdf_approx(v):
@@ -667,8 +871,10 @@ def test_latents_with_a_tiny_vae(tmp_path):
     vae.save_pretrained(str(tmp_path / "vae"))
     make_pngs(str(tmp_path / "imgs"), ["a", "b"], 4)
     lat, res = str(tmp_path / "lat"), str(tmp_path / "res")
-    run_script("train.py", "--encode-latents", "--data-path", str(tmp_path / "imgs"), "--latents-path", lat,
+    run_script("encode_latents.py", "--data-path", str(tmp_path / "imgs"), "--latents-path", lat,
                "--image-size", "16", "--vae", str(tmp_path / "vae"), "--num-workers", "0")
+    r = run_script("encode_latents.py", "--data-path", str(tmp_path / "imgs"), "--latents-path", lat, ok=False)
+    expect_user_error(r, "already holds latents")                              # never overwrites
     shard = torch.load(os.path.join(lat, "shard_00000.pt"), weights_only=True)
     assert shard["latents"].shape == (8, 4, 8, 8) and shard["labels"].tolist() == [0] * 4 + [1] * 4
     run_script("train.py", "--dataset", "latents", "--data-path", lat, "--image-size", "16", "--class-cond",
@@ -708,13 +914,17 @@ def test_bad_inputs_end_with_one_line(fmnist, fmnist_run, tmp_path):
         (["train.py", "--dataset", "cifar10", "--data-path", str(tmp_path / "c10"), "--results-dir", str(tmp_path / "r")],
          ["cifar10", "cifar-10-python.tar.gz"]),
         (["train.py", "--dataset", "fashion-mnist", "--image-size", "64"], ["--image-size applies to"]),
-        (["train.py", "--resume", ckpt, "--model", "DiS-T/2"], ["DiS-T/4 run, not DiS-T/2"]),
+        (["train.py", "--resume", ckpt, "--model", "DiS-T/2"], ["has --model DiS-T/4", "drop --model"]),
+        (["train.py", "--resume", fmnist_run, "--lr", "0.5"], ["has --lr 0.0001", "drop --lr"]),
+        (["train.py", "--resume", "auto"], ["no run in", "has a checkpoint"]),
+        (["sample.py", "--ckpt", str(tmp_path)], ["folder without checkpoints"]),
         (["train.py", "--dataset", "latents", "--data-path", str(tmp_path)], ["not a latents folder"]),
         (["train.py", "--dataset", "latents", "--data-path", str(tmp_path / "lat")], ["no latent shards"]),
         (["sample.py", "--ckpt", str(tmp_path / "nope.pt")], ["does not exist"]),
         (["sample.py", "--ckpt", ckpt, "--cfg-scale", "2"], ["unconditional"]),
         (["sample.py", "--ckpt", ckpt, "--num-sampling-steps", "1"], ["[2, 1000]"]),
         (["train.py", "--sample-steps", "1"], ["--sample-steps must be at least 2"]),
+        (["train.py", "--sample-steps", "1001"], ["--sample-steps", "[2, 1000]"]),
         (["train.py", "--max-steps", "0"], ["--max-steps must be at least 1"]),
         (["train.py", "--dataset", "fashion-mnist", "--data-path", fmnist, "--log-every", "0"], ["--log-every"]),
     ]
@@ -740,14 +950,44 @@ def test_bad_inputs_end_with_one_line(fmnist, fmnist_run, tmp_path):
         expect_user_error(run_script(*args, ok=False), *patterns)
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(fmnist, tmp_path):
+def train_in_process(*argv):
+    """train.py's main in this process (for tests that patch what it calls); returns its UserError or None."""
+    import dis_cli
+    import train
+    try:
+        train.main(*train.parse_args(list(argv)))
+    except dis_cli.UserError as e:
+        return e
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+def test_non_finite_values_stop_without_saving(fmnist, tmp_path, monkeypatch, what):
+    """A NaN loss, or a finite loss with an infinite gradient, at step 3: nothing is written after step 2."""
     res = str(tmp_path / "res")
-    r = run_script("train.py", "--dataset", "fashion-mnist", "--data-path", fmnist, "--results-dir", res,
-                   "--max-steps", "4", "--ckpt-every", "2", "--sample-every", "0", "--fail-at-step", "3", *FAST, ok=False)
-    expect_user_error(r, "at step 3")
-    ckpts = os.listdir(os.path.join(res, "000-DiS-T-4", "checkpoints"))
-    assert ckpts == ["0000002.pt"]
-    assert torch.load(os.path.join(res, "000-DiS-T-4", "checkpoints", "0000002.pt"), weights_only=True)["step"] == 2
+    calls = {"n": 0}
+    if what == "loss":
+        real = DiS.Diffusion.training_loss
+
+        def poisoned(self, *a, **k):
+            calls["n"] += 1
+            return real(self, *a, **k) * (float("nan") if calls["n"] == 3 else 1.0)
+        monkeypatch.setattr(DiS.Diffusion, "training_loss", poisoned)
+    else:
+        real = torch.nn.utils.clip_grad_norm_
+
+        def poisoned(*a, **k):
+            calls["n"] += 1
+            norm = real(*a, **k)
+            return norm * float("inf") if calls["n"] == 3 else norm
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    err = train_in_process("--dataset", "fashion-mnist", "--data-path", fmnist, "--results-dir", res, "--max-steps",
+                           "4", "--ckpt-every", "2", "--sample-every", "0", *FAST)
+    assert err is not None and f"the {what} became" in str(err) and "at step 3" in str(err), err
+    run = os.path.join(res, "000-DiS-T-4")
+    assert os.listdir(os.path.join(run, "checkpoints")) == ["0000002.pt"]
+    assert torch.load(os.path.join(run, "checkpoints", "0000002.pt"), weights_only=True)["step"] == 2
+    with open(os.path.join(run, "log.txt")) as f:
+        assert f.read().strip().splitlines()[-1].startswith(f"error: the {what} became")
 
 
 def test_ctrl_c_saves_a_checkpoint_then_exits(fmnist, tmp_path):
@@ -786,12 +1026,96 @@ def test_mnist_reads_raw_idx_files_offline(fmnist, tmp_path):
 
 
 def test_latent_shards_index_across_shards(tmp_path):
-    import train
+    import dis_data
     lat = torch.arange(5 * 4 * 2 * 2, dtype=torch.float16).view(5, 4, 2, 2)
     torch.save({"latents": lat[:3], "labels": torch.tensor([0, 1, 2])}, tmp_path / "shard_00000.pt")
     torch.save({"latents": lat[3:], "labels": torch.tensor([3, 4])}, tmp_path / "shard_00001.pt")
-    ds = train.LatentShards(str(tmp_path))
+    ds = dis_data.LatentShards(str(tmp_path))
     assert len(ds) == 5
     for i in range(5):
         x, y = ds[i]
         assert y == i and x.dtype == torch.float32 and torch.equal(x, lat[i].float())
+
+
+def test_resume_auto_picks_the_run_that_matches_the_flags(fmnist, fmnist_run, tmp_path):
+    res = tmp_path / "res"
+    shutil.copytree(fmnist_run, res / "000-DiS-T-4")                  # unconditional, step 4, the older run
+    run_script("train.py", "--dataset", "fashion-mnist", "--data-path", fmnist, "--results-dir", str(res),
+               "--class-cond", "--max-steps", "1", "--sample-every", "0", *FAST)      # 001: the newest run
+    r = run_script("train.py", "--resume", "auto", "--no-class-cond", "--results-dir", str(res), "--max-steps", "5")
+    old = str(res / "000-DiS-T-4")
+    assert f"resuming {old} from {old}/checkpoints/0000004.pt at step 4" in r.stdout
+    assert sorted(os.listdir(res / "000-DiS-T-4" / "checkpoints"))[-1] == "0000005.pt"
+    assert os.listdir(res / "001-DiS-T-4" / "checkpoints") == ["0000001.pt"]  # the other run is untouched
+    r = run_script("train.py", "--resume", "auto", "--results-dir", str(res), "--max-steps", "6")   # no flag: newest
+    assert f"from {old}/checkpoints/0000005.pt at step 5" in r.stdout                  # 000 was resumed last
+    r = run_script("train.py", "--resume", "auto", "--lr", "0.5", "--results-dir", str(res), ok=False)
+    expect_user_error(r, "no run in", "000-DiS-T-4", "has --lr 0.0001, not --lr 0.5")
+
+
+def test_help_shows_every_default_and_helps_every_flag():
+    for script in ("train.py", "sample.py", "encode_latents.py"):
+        out = run_script(script, "--help").stdout
+        assert "(default: None)" not in out, script
+        options = [line.split()[0] for line in out.split("options:")[1].splitlines() if line.strip().startswith("--")]
+        assert len(options) > 5, script
+    import dis_cli
+    import train
+    parser = train.build_parser()
+    assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
+    text = parser.format_help()
+    assert isinstance(parser.formatter_class("x"), dis_cli.HelpFormatter)
+    for shown in ("(default: 0.0001)", "(default: 100)", "(default: DiS-S/2)", "(default: auto)"):
+        assert shown in " ".join(text.split()), shown
+
+
+def test_ctrl_c_in_sample_py_ends_in_one_line_and_leaves_nothing(fmnist_run, tmp_path):
+    import signal
+    import threading
+    out_dir = tmp_path / "new"
+    p = subprocess.Popen([sys.executable, "sample.py", "--ckpt", fmnist_run, "--num-samples", "2", "--num-sampling-steps",
+                          "1000", "--out", str(out_dir / "s")], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: p.stderr.read(1), b"")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and b"/1000" not in b"".join(err):   # the bar counts sampling steps
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    reader.join(timeout=10)
+    text = b"".join(err).decode()
+    assert p.returncode == 130 and "Traceback" not in text, text[-2000:]
+    assert text.strip().splitlines()[-1] == "interrupted"
+    assert f"sampling from {fmnist_run}/checkpoints/0000004.pt" in out.decode()   # a run folder: its newest
+    assert not out_dir.exists()
+
+
+def worker_pids(pid):
+    """The processes torchrun started, by rank."""
+    kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    ranks = {}
+    for k in kids:
+        env = dict(v.split("=", 1) for v in open(f"/proc/{k}/environ").read().split("\0") if "=" in v)
+        ranks[int(env["RANK"])] = int(k)
+    return ranks
+
+
+def test_ddp_ctrl_c_in_one_process_stops_all_at_the_same_step(fmnist, tmp_path):
+    import signal
+    res = str(tmp_path / "res")
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29518", "train.py", "--dataset", "fashion-mnist", "--data-path", fmnist, "--results-dir", res,
+                          "--max-steps", "1000", "--sample-every", "0", "--device", "cpu", *FAST],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = os.path.join(res, "000-DiS-T-4", "log.txt")
+    deadline = time.time() + 180
+    while time.time() < deadline and not (os.path.exists(log) and "step 0000002" in open(log).read()):
+        time.sleep(0.2)
+    os.kill(worker_pids(p.pid)[1], signal.SIGINT)                      # rank 1 only
+    p.communicate(timeout=180)
+    text = open(log).read()
+    stopped = int(text.split("interrupted at step ")[1].split()[0])
+    assert 2 <= stopped < 1000 and "replicas identical: True" in text   # both reached the end, in step
+    assert os.listdir(os.path.join(res, "000-DiS-T-4", "checkpoints")) == [f"{stopped:07d}.pt"]

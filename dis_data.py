@@ -1,0 +1,133 @@
+"""
+The training data of train.py (and the image folders of encode_latents.py): every dataset yields
+(x, label) with x in [0, 1] (images) or as stored (latents).
+"""
+import bisect
+import glob
+import gzip
+import itertools
+import json
+import os
+import shutil
+
+import torch
+from torch.utils.data import Dataset
+
+from dis_cli import UserError
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"   # apt-get install dataset-fashion-mnist
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+WHERE_TO_GET = {   # for the offline error: where the files go, and where they come from
+    "cifar10": "cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, or its "
+               "extracted cifar-10-batches-py/) in",
+    "fashion-mnist": "the four *-ubyte files (https://github.com/zalandoresearch/fashion-mnist, or "
+                     "apt-get install dataset-fashion-mnist) in <data-path>/FashionMNIST/raw/ of",
+    "mnist": "the four *-ubyte files (https://ossci-datasets.s3.amazonaws.com/mnist/) in <data-path>/MNIST/raw/ of",
+}
+
+
+def make_dataset(kind, path, image_size, class_cond):
+    """-> (dataset, flip augmentation?, number of classes) for train.py's --dataset."""
+    if kind == "latents":
+        num_classes = latents_meta(path)["num_classes"]
+        if class_cond and num_classes == 0:
+            raise UserError(f"--class-cond: the latents in {path} have no classes (encoded from a flat folder); "
+                            f"use --no-class-cond, or encode a folder with one subfolder per class")
+        if latents_meta(path)["image_size"] != image_size:
+            raise UserError(f"the latents in {path} were encoded at {latents_meta(path)['image_size']}px; "
+                            f"pass that as --image-size")
+        return LatentShards(path), False, num_classes
+    if kind == "folder":
+        ds, num_classes = image_folder_dataset(path, image_size, class_cond)
+        return ds, True, num_classes
+    if image_size != 32:
+        raise UserError(f"{kind} images are 32x32 (28x28 digits padded to 32); --image-size applies to "
+                        f"--dataset folder and latents only")
+    import torchvision.datasets as tvd
+    import torchvision.transforms as T
+    if kind == "fashion-mnist":
+        place_debian_fashion_mnist(path)
+    cls, flip, tf = {"cifar10": (tvd.CIFAR10, True, T.ToTensor()),
+                     "fashion-mnist": (tvd.FashionMNIST, False, T.Compose([T.Pad(2), T.ToTensor()])),
+                     "mnist": (tvd.MNIST, False, T.Compose([T.Pad(2), T.ToTensor()]))}[kind]
+    try:
+        ds = cls(path, train=True, download=True, transform=tf)
+    except Exception as e:  # no network: say where the files go and where they come from
+        raise UserError(f"could not load or download {kind} into {os.path.abspath(path)} "
+                        f"({type(e).__name__}: {e}); place {WHERE_TO_GET[kind]} {path}")
+    return ds, flip, 10
+
+
+class FlatImageFolder(Dataset):
+    """Every image below a folder, no classes (label 0)."""
+
+    def __init__(self, root, transform):
+        self.files = sorted(f for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB")), 0
+
+
+def image_folder_dataset(path, image_size, class_cond):
+    """An ImageFolder (one subfolder per class) or a flat folder, resized and centre-cropped.
+    -> (dataset, number of classes: 0 for a flat folder)"""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    if not os.path.isdir(path):
+        raise UserError(f"image folder {path} does not exist; pass --data-path with your images")
+    tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
+    has_classes = any(os.path.isdir(os.path.join(path, d)) for d in os.listdir(path))
+    ds = ImageFolder(path, transform=tf, allow_empty=True) if has_classes else FlatImageFolder(path, tf)
+    if len(ds) == 0:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
+    if class_cond and not has_classes:
+        raise UserError(f"--class-cond needs one subfolder per class in {path}; use --no-class-cond for a flat folder")
+    return ds, (len(ds.classes) if has_classes else 0)
+
+
+def place_debian_fashion_mnist(root):
+    """torchvision reads the raw idx files from <root>/FashionMNIST/raw; Debian ships them gzipped."""
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    for gz in glob.glob(os.path.join(DEBIAN_FASHION_MNIST, "*-ubyte.gz")):
+        dst = os.path.join(raw, os.path.basename(gz)[:-3])
+        if not os.path.exists(dst):
+            os.makedirs(raw, exist_ok=True)
+            with gzip.open(gz, "rb") as f, open(dst + ".tmp", "wb") as g:
+                shutil.copyfileobj(f, g)
+            os.replace(dst + ".tmp", dst)
+
+
+class LatentShards(Dataset):
+    """Latents written by encode_latents.py: shards of {"latents": (N, 4, s, s) float16, "labels": (N,)}."""
+
+    def __init__(self, root):
+        shards = sorted(glob.glob(os.path.join(root, "shard_*.pt")))
+        if not shards:
+            raise UserError(f"no latent shards (shard_*.pt) in {root}; make them with "
+                            f"python encode_latents.py --data-path IMAGES --latents-path {root}")
+        # memory-mapped and never concatenated: every DDP process shares the page cache instead of a copy
+        self.parts = [torch.load(s, weights_only=True, mmap=True) for s in shards]
+        self.ends = list(itertools.accumulate(len(p["labels"]) for p in self.parts))
+
+    def __len__(self):
+        return self.ends[-1]
+
+    def __getitem__(self, i):
+        k = bisect.bisect_right(self.ends, i)                 # the shard holding item i
+        part, j = self.parts[k], i - (self.ends[k - 1] if k else 0)
+        return part["latents"][j].float(), int(part["labels"][j])
+
+
+def latents_meta(path):
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}/meta.json not found: {path} is not a latents folder made by encode_latents.py")
