@@ -134,7 +134,7 @@ def triton_usable(device):
         import scan_triton
     except Exception:   # no Triton, or a broken install
         return False
-    return not scan_triton.INTERPRETED and scan_triton.triton_scan_usable(torch.empty(1, device=device))
+    return not scan_triton.INTERPRETED and torch.cuda.is_available()   # no tensor: the parent stays off the GPU
 
 
 def scan_variants(device):
@@ -413,11 +413,14 @@ def fmt(r, key, f="{:.1f}"):
 def ratio_rows(res):
     """DiS / DiT throughput and memory: the first DiS row against the first DiT row, eager and compiled
     separately (stand-in rows are not models, so they are left out)."""
+    def first(dit, compiled):
+        for (name, v), r in res.items():
+            if ((name in DIT_CONFIGS) == dit and ("compile" in v.split("+")) == compiled
+                    and "stand-in" not in v and "error" not in r):
+                return name, v
     rows = []
     for compiled in (False, True):
-        pick = lambda dit: next((k for k, r in res.items() if (k[0] in DIT_CONFIGS) == dit and "error" not in r
-                                 and ("compile" in k[1].split("+")) == compiled and "stand-in" not in k[1]), None)
-        a, b = pick(False), pick(True)
+        a, b = first(False, compiled), first(True, compiled)
         if a and b:
             rows.append([f"{a[0]} / {b[0]}", f"{a[1]} / {b[1]}", "", "", f"{res[a]['img_s'] / res[b]['img_s']:.2f}x",
                          f"{res[a]['peak_mb'] / max(res[b]['peak_mb'], 1e-9):.2f}x"])
