@@ -162,12 +162,12 @@ def timestep_embedding(t, dim, max_period=10000):
     return F.pad(emb, (0, dim % 2))                                                    # (b, dim)
 
 
-def drop_path(x, p, training):
-    """Stochastic depth: zero a whole sample's residual branch with probability p (and rescale)."""
-    if p == 0.0 or not training:
+def drop_path(x, prob, training):
+    """Stochastic depth: zero a whole sample's residual branch with probability prob (and rescale)."""
+    if prob == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - prob)
+    return x * keep / (1 - prob)
 
 
 class Block(nn.Module):

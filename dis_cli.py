@@ -23,6 +23,7 @@ class UserError(Exception):
 def run(main, *args):
     """A script's entry point: a UserError ends as one line 'error: ...' (exit code 2), Ctrl-C as one line
     (exit code 130); never a traceback for either."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, Ctrl-C is a KeyboardInterrupt
     try:
         return main(*args)
     except UserError as e:

@@ -5,6 +5,10 @@ Encode an image folder once into Stable Diffusion VAE latents, so that training 
     python train.py --dataset latents --data-path latents/ --model DiS-H/2 --class-cond
 Writes shard_00000.pt, ... ({"latents": (N, 4, s/8, s/8) float16, "labels": (N,)}) and meta.json.
 """
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C during the imports below: stop quietly
+
 import argparse
 import json
 import os

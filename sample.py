@@ -5,6 +5,10 @@ The model's config comes from the checkpoint (EMA weights when present); no trai
 The .npz holds arr_0 = uint8 images (N, H, W, C), the layout of the ADM evaluation suite, and labels
 (-1 for unconditional models).
 """
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C during the imports below: stop quietly
+
 import argparse
 import math
 import os

@@ -991,24 +991,28 @@ def test_non_finite_values_stop_without_saving(fmnist, tmp_path, monkeypatch, wh
 
 
 def test_ctrl_c_saves_a_checkpoint_then_exits(fmnist, tmp_path):
+    """Also: a CPU run projected to take over a day says so after its first steps, and goes on."""
     import signal
-    import time
     res = str(tmp_path / "res")
     p = subprocess.Popen([sys.executable, "train.py", "--dataset", "fashion-mnist", "--data-path", fmnist,
-                          "--results-dir", res, "--max-steps", "1000", "--sample-every", "0", *FAST,
+                          "--results-dir", res, "--epochs", "1400", "--sample-every", "0", *FAST,
                           "--num-workers", "1"],          # a data worker too: it must not break the shutdown
                          cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = os.path.join(res, "000-DiS-T-4", "log.txt")
     deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(log) and "step 0000002" in open(log).read()):
+    while time.time() < deadline and not (os.path.exists(log) and "step 0000007" in open(log).read()):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]
     saved = os.listdir(os.path.join(res, "000-DiS-T-4", "checkpoints"))
     assert len(saved) == 1
     step = torch.load(os.path.join(res, "000-DiS-T-4", "checkpoints", saved[0]), weights_only=True)["step"]
-    assert 2 <= step < 1000 and saved[0] == f"{step:07d}.pt"
+    assert 7 <= step < 1000 and saved[0] == f"{step:07d}.pt"
+    text = open(log).read()
+    assert f"interrupted at step {step}" in text and "done at" not in text
+    note = next(line for line in text.splitlines() if line.startswith("note: "))
+    assert "days" in note and "CPU quickstart" in note and note[6:] in out       # in log.txt and on the screen
 
 
 def test_mnist_reads_raw_idx_files_offline(fmnist, tmp_path):

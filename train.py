@@ -5,6 +5,10 @@ Several GPUs or nodes (DistributedDataParallel; the same script):
     torchrun --nproc_per_node=8 train.py --dataset latents --data-path latents/ --model DiS-H/2 --class-cond
 ImageNet latents are made once beforehand with encode_latents.py. The model and the diffusion come from DiS.py.
 """
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C during the imports below: stop quietly
+
 import argparse
 import copy
 import json
