@@ -1,4 +1,4 @@
-"""Tests for DiS.py, train.py and sample.py. Run: pytest test_dis.py  (about 3 minutes on a 2-core CPU).
+"""Tests for DiS.py, train.py and sample.py. Run: pytest test_dis.py  (about 4 minutes on a 2-core CPU).
 Under DIS_CI=1 a test that would skip for a missing optional package fails instead (CUDA and mamba-ssm excepted)."""
 import gzip
 import importlib
@@ -1086,8 +1086,9 @@ def test_ctrl_c_in_sample_py_ends_in_one_line_and_leaves_nothing(fmnist_run, tmp
     while time.time() < deadline and b"/1000" not in b"".join(err):   # the bar counts sampling steps
         time.sleep(0.1)
     p.send_signal(signal.SIGINT)
-    out, _ = p.communicate(timeout=60)
-    reader.join(timeout=10)
+    p.wait(timeout=60)
+    reader.join(timeout=10)                    # the only reader of stderr (communicate() would race it)
+    out = p.stdout.read()
     text = b"".join(err).decode()
     assert p.returncode == 130 and "Traceback" not in text, text[-2000:]
     assert text.strip().splitlines()[-1] == "interrupted"
