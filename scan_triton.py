@@ -94,6 +94,31 @@ def _softplus(x):
 
 
 @triton.jit
+def _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BLOCK_D, BLOCK_N), D and delta_bias (BLOCK_D,) of this program's channels, in float32 (0 if absent)."""
+    A = tl.load(A_ptr + rd[:, None] * dstate + rn[None, :], mask=mdn, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + rd, mask=md, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rd, mask=md, other=0.0).to(tl.float32)
+    return A, Dv, bias
+
+
+@triton.jit
+def _token_inputs(u_ptr, delta_ptr, B_ptr, row, col, t, bias, md, mn, SOFTPLUS: tl.constexpr):
+    """Token t's u and dt = softplus(delta + delta_bias), (BLOCK_D,), and B_t, (BLOCK_N,), in float32."""
+    u = tl.load(u_ptr + row + t, mask=md, other=0.0).to(tl.float32)
+    dt = tl.load(delta_ptr + row + t, mask=md, other=0.0).to(tl.float32) + bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    Bt = tl.load(B_ptr + col + t, mask=mn, other=0.0).to(tl.float32)
+    return u, dt, Bt
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,     # inputs (absent ones: any pointer)
     out_ptr, starts_ptr,                                              # outputs
@@ -107,13 +132,7 @@ def _scan_fwd_kernel(
     md, mn = rd < dim, rn < dstate
     mdn = md[:, None] & mn[None, :]
 
-    A = tl.load(A_ptr + rd[:, None] * dstate + rn[None, :], mask=mdn, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + rd, mask=md, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rd, mask=md, other=0.0).to(tl.float32)
+    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, BLOCK_D)
 
     row = pid_b * dim * seqlen + rd * seqlen          # offset of (b, d, 0) in u, delta, z, out
     col = pid_b * dstate * seqlen + rn * seqlen       # offset of (b, n, 0) in B, C
@@ -125,11 +144,7 @@ def _scan_fwd_kernel(
         t0 = c * CHUNK
         t1 = tl.minimum(t0 + CHUNK, seqlen)
         for t in range(t0, t1):
-            u = tl.load(u_ptr + row + t, mask=md, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + row + t, mask=md, other=0.0).to(tl.float32) + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            Bt = tl.load(B_ptr + col + t, mask=mn, other=0.0).to(tl.float32)
+            u, dt, Bt = _token_inputs(u_ptr, delta_ptr, B_ptr, row, col, t, bias, md, mn, SOFTPLUS)
             Ct = tl.load(C_ptr + col + t, mask=mn, other=0.0).to(tl.float32)
             h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
             y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
@@ -177,13 +192,7 @@ def _scan_bwd_kernel(
     md, mn = rd < dim, rn < dstate
     mdn = md[:, None] & mn[None, :]
 
-    A = tl.load(A_ptr + rd[:, None] * dstate + rn[None, :], mask=mdn, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + rd, mask=md, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rd, mask=md, other=0.0).to(tl.float32)
+    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, BLOCK_D)
 
     row = pid_b * dim * seqlen + rd * seqlen
     col = pid_b * dstate * seqlen + rn * seqlen
@@ -204,11 +213,7 @@ def _scan_bwd_kernel(
         h = tl.load(st + c * dim * dstate, mask=mdn, other=0.0)
         tl.debug_barrier()   # every thread has read the previous chunk's workspace before it is overwritten
         for t in range(t0, t1):
-            u = tl.load(u_ptr + row + t, mask=md, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + row + t, mask=md, other=0.0).to(tl.float32) + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            Bt = tl.load(B_ptr + col + t, mask=mn, other=0.0).to(tl.float32)
+            u, dt, Bt = _token_inputs(u_ptr, delta_ptr, B_ptr, row, col, t, bias, md, mn, SOFTPLUS)
             h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
             tl.store(ws + (t - t0) * (BLOCK_D * BLOCK_N), h)
         tl.debug_barrier()   # the states are written before any thread reads them back
