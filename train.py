@@ -160,8 +160,6 @@ def preview(ema, diffusion, config, args, path, device, vae):
     vutils.save_image(to_images(x, vae), path, nrow=4)
 
 
-
-
 #################################################################################
 #                                  Training                                     #
 #################################################################################
