@@ -29,14 +29,13 @@ WHERE_TO_GET = {   # for the offline error: where the files go, and where they c
 def make_dataset(kind, path, image_size, class_cond):
     """-> (dataset, flip augmentation?, number of classes) for train.py's --dataset."""
     if kind == "latents":
-        num_classes = latents_meta(path)["num_classes"]
-        if class_cond and num_classes == 0:
+        meta = latents_meta(path)
+        if class_cond and meta["num_classes"] == 0:
             raise UserError(f"--class-cond: the latents in {path} have no classes (encoded from a flat folder); "
                             f"use --no-class-cond, or encode a folder with one subfolder per class")
-        if latents_meta(path)["image_size"] != image_size:
-            raise UserError(f"the latents in {path} were encoded at {latents_meta(path)['image_size']}px; "
-                            f"pass that as --image-size")
-        return LatentShards(path), False, num_classes
+        if meta["image_size"] != image_size:
+            raise UserError(f"the latents in {path} were encoded at {meta['image_size']}px; pass that as --image-size")
+        return LatentShards(path), False, meta["num_classes"]
     if kind == "folder":
         ds, num_classes = image_folder_dataset(path, image_size, class_cond)
         return ds, True, num_classes
