@@ -91,8 +91,6 @@ def pick_device(choice, index=0):
 def load_checkpoint(path, mmap=False):
     """torch.load(weights_only=True) with one-line errors for a missing, truncated or foreign file.
     mmap=True reads lazily: cheap when only the settings are wanted."""
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -160,14 +158,14 @@ def first_difference(args, saved, names):
 def find_run_to_resume(results_dir, args, must_match):
     """--resume auto: the newest checkpoint (by step) of the newest run in results_dir whose saved settings
     equal args in every name of must_match (the flags typed on the command line)."""
-    runs = sorted((r for r in glob.glob(os.path.join(results_dir, "*")) if run_checkpoints(r)),
-                  key=lambda r: os.path.getmtime(run_checkpoints(r)[-1]))
+    newest_ckpt = {r: ckpts[-1] for r in glob.glob(os.path.join(results_dir, "*")) if (ckpts := run_checkpoints(r))}
+    runs = sorted(newest_ckpt, key=lambda r: os.path.getmtime(newest_ckpt[r]))
     if not runs:
         raise UserError(f"--resume auto: no run in {results_dir} has a checkpoint; start one without --resume")
-    saved = {r: load_checkpoint(run_checkpoints(r)[-1], mmap=True)["args"] for r in runs}
+    saved = {r: load_checkpoint(newest_ckpt[r], mmap=True)["args"] for r in runs}
     for r in reversed(runs):
         if first_difference(args, saved[r], must_match) is None:
-            return run_checkpoints(r)[-1]
+            return newest_ckpt[r]
     newest = runs[-1]
     name = first_difference(args, saved[newest], must_match)
     raise UserError(f"--resume auto: no run in {results_dir} matches the flags given; the newest, {newest}, "
