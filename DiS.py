@@ -109,8 +109,7 @@ class SSM(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner))   # skip connection u -> y
 
     def forward(self, x, z):                                                            # x, z: (b, d_inner, l)
-        l = x.shape[-1]
-        x = F.silu(self.conv1d(x)[..., :l])                                             # (b, d_inner, l)
+        x = F.silu(causal_conv1d(x, self.conv1d))                                       # (b, d_inner, l)
         x_dbl = self.x_proj(x.transpose(1, 2))                                          # (b, l, dt_rank + 2n)
         delta, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (delta @ self.dt_proj.weight.t()).transpose(1, 2)                       # (b, d_inner, l); bias in scan
@@ -347,12 +346,18 @@ def DiS_L_2(**kwargs): return DiS(hidden_size=1024, depth=48, patch_size=2, **kw
 def DiS_L_4(**kwargs): return DiS(hidden_size=1024, depth=48, patch_size=4, **kwargs)
 def DiS_H_2(**kwargs): return DiS(hidden_size=1536, depth=48, patch_size=2, **kwargs)
 def DiS_H_4(**kwargs): return DiS(hidden_size=1536, depth=48, patch_size=4, **kwargs)
+# Not in the paper: the CPU quickstart's model, chosen by measuring what a 15-minute run on 2 cores learns best
+# (README). T's depth, 16 tokens of 8x8 pixels, a 4-number state and no expansion (192 x 4 state numbers per
+# token, against 256 x 16 in DiS-T), and no drop-path: a run this short is nowhere near overfitting, and
+# drop-path only slowed its learning.
+def DiS_Q_8(**kwargs): return DiS(hidden_size=192, depth=6, patch_size=8, d_state=4, expand=1, drop_path_rate=0.0,
+                                   **kwargs)
 
 
 DiS_models = {
     "DiS-T/2": DiS_T_2, "DiS-T/4": DiS_T_4, "DiS-S/2": DiS_S_2, "DiS-S/4": DiS_S_4,
     "DiS-B/2": DiS_B_2, "DiS-B/4": DiS_B_4, "DiS-M/2": DiS_M_2, "DiS-M/4": DiS_M_4,
-    "DiS-L/2": DiS_L_2, "DiS-L/4": DiS_L_4, "DiS-H/2": DiS_H_2, "DiS-H/4": DiS_H_4,
+    "DiS-L/2": DiS_L_2, "DiS-L/4": DiS_L_4, "DiS-H/2": DiS_H_2, "DiS-H/4": DiS_H_4, "DiS-Q/8": DiS_Q_8,
 }
 
 
@@ -639,16 +644,18 @@ class _LeanScan(torch.autograd.Function):
     on CPUs): bench.py's scan table compares them."""
 
     @staticmethod
-    def _chunk_terms(dt, dtu, A, B, start, end):
-        """Decay exp(dt_t A) and drive (dt_t u_t) B_t of tokens start..end-1, each (chunk, b, d_inner, n)."""
-        decay = torch.exp(dt[start:end, ..., None] * A)                                  # (chunk, b, d_inner, n)
-        drive = dtu[start:end, ..., None] * B[start:end, :, None, :]                     # (chunk, b, d_inner, n)
+    def _chunk_terms(dt, dtu, A, B, start, end, kept=None):
+        """Decay exp(dt_t A) and drive (dt_t u_t) B_t of tokens start..end-1, each (chunk, b, d_inner, n);
+        written into kept's (decay, drive, states) buffers (l, b, d_inner, n) when they are given."""
+        decay, drive = (kept[0][start:end], kept[1][start:end]) if kept else (None, None)
+        decay = torch.exp(torch.mul(dt[start:end, ..., None], A, out=decay), out=decay)   # (chunk, b, d_inner, n)
+        drive = torch.mul(dtu[start:end, ..., None], B[start:end, :, None, :], out=drive)  # (chunk, b, d_inner, n)
         return decay, drive
 
     @staticmethod
-    def _states(h, decay, drive):
+    def _states(h, decay, drive, hs=None):
         """h_t = decay_t * h_{t-1} + drive_t for the tokens of one chunk, starting from h (b, d_inner, n)."""
-        hs = torch.empty_like(drive)                                                    # (chunk, b, d_inner, n)
+        hs = torch.empty_like(drive) if hs is None else hs                              # (chunk, b, d_inner, n)
         for t in range(drive.shape[0]):
             h = torch.addcmul(drive[t], decay[t], h, out=hs[t])                         # (b, d_inner, n)
         return hs
@@ -668,7 +675,7 @@ class _LeanScan(torch.autograd.Function):
         return torch.sum(x * v[..., None], 2, out=out)
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul, keep_states):
         with _no_autocast(u):
             u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, delta_softplus)
             dt_l, dtu_l = _token_major(dt), _token_major(dt * u32)                      # (l, b, d_inner)
@@ -676,14 +683,18 @@ class _LeanScan(torch.autograd.Function):
             l = u.shape[-1]
             h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])                       # (b, d_inner, n)
             starts, y_l = [], torch.empty_like(dt_l)                                    # y_l: (l, b, d_inner)
+            # keep_states: decay, drive and every state stay for the backward, which then recomputes nothing
+            kept = [dt_l.new_empty(l, *h.shape) for _ in range(3)] if keep_states else []  # 3 x (l, b, d_inner, n)
             for start in range(0, l, chunk):
                 end = min(start + chunk, l)
                 starts.append(h)
-                hs = _LeanScan._states(h, *_LeanScan._chunk_terms(dt_l, dtu_l, A32, B_l, start, end))
-                h = hs[-1].clone()              # a copy, so that the chunk's states can be freed
+                decay, drive = _LeanScan._chunk_terms(dt_l, dtu_l, A32, B_l, start, end, kept)
+                hs = _LeanScan._states(h, decay, drive, kept[2][start:end] if kept else None)
+                h = hs[-1] if kept else hs[-1].clone()   # a copy, so that the chunk's states can be freed
                 _LeanScan._sum_over_n(hs, C_l[start:end], y_l[start:end], matmul)       # <h_t, C_t>
             out = _finish(_batch_major(y_l), u32, D, z, u.dtype)                        # (b, d_inner, l)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts))  # starts: (chunks, b, d_inner, n)
+        kept = kept + [y_l] if kept else []
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts), *kept)  # starts: (chunks, b, d_inner, n)
         ctx.delta_softplus, ctx.chunk, ctx.matmul = delta_softplus, chunk, matmul
         return out
 
@@ -708,7 +719,7 @@ class _LeanScan(torch.autograd.Function):
     # test_scan_equals_naive_float64_recurrence against autograd through an element-by-element loop.
     @staticmethod
     def backward(ctx, g_out):
-        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, starts, *kept = ctx.saved_tensors
         matmul = ctx.matmul
         with _no_autocast(u):
             u32, dt, A32, B32 = _discretize(u, delta, A, B, delta_bias, ctx.delta_softplus)
@@ -725,7 +736,7 @@ class _LeanScan(torch.autograd.Function):
             g_D = (g_y * u32).sum((0, 2)).to(D.dtype) if D is not None else None
             dt_l, dtu_l, B_l, C_l = _token_major(dt), _token_major(dt * u32), _token_major(B32), _token_major(C32)
             g_y_l = _token_major(g_y)                                                   # (l, b, d_inner)
-            y_l = torch.empty_like(dt_l) if z is not None else None                     # <h_t, C_t>, (l, b, d_inner)
+            y_l = kept[3] if kept else torch.empty_like(dt_l) if z is not None else None  # <h_t, C_t>, (l, b, d_inner)
             g_dt_l, g_dtu_l = torch.empty_like(dt_l), torch.empty_like(dt_l)            # (l, b, d_inner)
             g_B_l, g_C_l = torch.empty_like(B_l), torch.empty_like(C_l)                 # (l, b, n)
             g_A = torch.zeros_like(A32)                                                 # (d_inner, n)
@@ -733,17 +744,21 @@ class _LeanScan(torch.autograd.Function):
             carry = torch.zeros_like(starts[0])                  # a_{t+1} g_h_{t+1} from the next chunk
             for index, start in reversed(list(enumerate(range(0, l, chunk)))):
                 end = min(start + chunk, l)
-                decay, drive = _LeanScan._chunk_terms(dt_l, dtu_l, A32, B_l, start, end)  # (chunk, b, d_inner, n)
-                hs = _LeanScan._states(starts[index], decay, drive)  # recomputed states   (chunk, b, d_inner, n)
-                if z is not None:
-                    _LeanScan._sum_over_n(hs, C_l[start:end], y_l[start:end], matmul)
+                if kept:   # the forward's own                                          (chunk, b, d_inner, n) each
+                    decay, drive, hs = (x[start:end] for x in kept[:3])
+                else:      # recomputed from the chunk's start state
+                    decay, drive = _LeanScan._chunk_terms(dt_l, dtu_l, A32, B_l, start, end)
+                    hs = _LeanScan._states(starts[index], decay, drive)
+                    if z is not None:
+                        _LeanScan._sum_over_n(hs, C_l[start:end], y_l[start:end], matmul)
                 g_h = g_y_l[start:end, ..., None] * C_l[start:end, :, None, :]          # (chunk, b, d_inner, n)
                 g_h[-1] += carry
                 for t in reversed(range(end - start - 1)):
                     g_h[t].addcmul_(decay[t + 1], g_h[t + 1])                           # (b, d_inner, n)
                 carry = decay[0] * g_h[0]                                               # (b, d_inner, n)
-                # g_(dt A) = g_h (h_t - drive_t), written into drive's memory (drive is not needed after this)
-                g_dtA = torch.sub(hs, drive, out=drive).mul_(g_h)                       # (chunk, b, d_inner, n)
+                # g_(dt A) = g_h (h_t - drive_t), written into drive's memory (drive is not needed after this;
+                # a kept drive is a saved tensor, which stays untouched so that a second backward still works)
+                g_dtA = torch.sub(hs, drive, out=None if kept else drive).mul_(g_h)     # (chunk, b, d_inner, n)
                 g_A += (g_dtA * dt_l[start:end, ..., None]).sum((0, 1))                 # (d_inner, n)
                 _LeanScan._sum_over_n(g_h, B_l[start:end], g_dtu_l[start:end], matmul)  # (chunk, b, d_inner)
                 torch.sum(g_dtA.mul_(A32), -1, out=g_dt_l[start:end])                   # (chunk, b, d_inner)
@@ -761,18 +776,56 @@ class _LeanScan(torch.autograd.Function):
                 g_dt = g_dt * torch.sigmoid(pre)
             g_bias = g_dt.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
         return (g_u.to(u.dtype), g_dt.to(delta.dtype), g_A.to(A.dtype), _batch_major(g_B_l).to(B.dtype),
-                _batch_major(g_C_l).to(C.dtype), g_D, g_z, g_bias, None, None, None)
+                _batch_major(g_C_l).to(C.dtype), g_D, g_z, g_bias, None, None, None, None)
 
 
 @torch.compiler.disable  # torch.compile would unroll the token loop: compile the rest, run this scan eagerly
 def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=None,
-                        matmul=None):
+                        matmul=None, keep_states=None):
     """Memory-lean PyTorch scan; same arguments and result as selective_scan_ref.
     chunk: tokens per chunk, one saved state each (default 16 on CUDA, 8 elsewhere; bench.py compares sizes).
-    matmul: contract with batched matmul (default on CUDA) or with multiply-and-sum (default elsewhere)."""
+    matmul: contract with batched matmul (default on CUDA) or with multiply-and-sum (default elsewhere).
+    keep_states: keep every state (3 float32 tensors of (l, b, d_inner, n)) for a backward that recomputes
+    nothing; default: when a gradient is needed and they take at most KEEP_STATES_MB."""
     chunk = chunk or (16 if u.is_cuda else 8)
     matmul = u.is_cuda if matmul is None else matmul
-    return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul)
+    if keep_states is None:
+        needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (u, delta, A, B, C, D, z, delta_bias))
+        keep_states = needs_grad and 3 * 4 * u.numel() * A.shape[1] <= KEEP_STATES_MB * 2 ** 20
+    return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul, keep_states)
+
+
+
+# Keeping the states saves the backward's recomputation but streams 3 more big tensors through memory. On the
+# README's 2-core CPU: the quickstart model's scan (b 64, d_inner 192, l 18, n 4; 11 MB kept) took 11.8 ms
+# forward + backward kept against 16.6 recomputed, while DiS-T/4's training step at batch 32 (105 MB per scan)
+# was 5% slower kept. 16 MB keeps it to scans whose states stay near the cache.
+KEEP_STATES_MB = 16
+
+
+def causal_conv1d(x, conv):
+    """SSM.forward's depthwise causal convolution, with conv's weight (d_inner, 1, d_conv) and bias:
+    out_t = bias + sum_k weight_k x_{t - d_conv + 1 + k}, so token t sees tokens t - d_conv + 1 .. t.
+    CONV_BACKEND "conv1d" (the default): the official way, nn.Conv1d padded on both sides, the first l
+    outputs kept. "shifts": d_conv shifted multiply-adds, the same sum written out, a candidate for GPUs, where
+    framework depthwise 1-D convolutions are slow (Mamba ships its causal-conv1d kernel for that reason). On
+    the README's 2-core CPU shifts were 1% faster and took 16% more memory, so conv1d stays the default; on a
+    GPU it is not measured yet (bench.py's "+shifts" rows)."""
+    l = x.shape[-1]
+    if CONV_BACKEND == "conv1d":
+        return conv(x)[..., :l]                                                         # (b, d_inner, l)
+    if CONV_BACKEND != "shifts":
+        raise ValueError(f"DiS.CONV_BACKEND must be 'conv1d' or 'shifts', got {CONV_BACKEND!r}")
+    d_conv, dtype = conv.kernel_size[0], torch.promote_types(x.dtype, torch.float32)  # sums in float32, as cuDNN's
+    padded = F.pad(x.to(dtype), (d_conv - 1, 0))                                        # (b, d_inner, l + d_conv - 1)
+    weight = conv.weight[:, 0].to(dtype)                                                # (d_inner, d_conv)
+    out = conv.bias.to(dtype)[:, None] + weight[:, :1] * padded[..., :l]               # (b, d_inner, l)
+    for k in range(1, d_conv):
+        out = torch.addcmul(out, weight[:, k:k + 1], padded[..., k:k + l])              # (b, d_inner, l)
+    return out.to(x.dtype)
+
+
+CONV_BACKEND = "conv1d"
 
 
 def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None, device_type="cuda"):

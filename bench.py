@@ -3,6 +3,7 @@ Benchmarks for DiS.py, four tables: the scan, the model (training and sampling),
 and a profiling mode for one model's training step.
     python bench.py                          # small shapes on CPU, a few minutes
     python bench.py --preset target          # the DiS-S/2 CIFAR-10 shapes on CPU (README's CPU figures)
+    python bench.py --preset quickstart      # the CPU quickstart's model (DiS-Q/8, batch 64)
     python bench.py --preset gpu --device cuda --markdown bench_gpu.md
     python bench.py --preset gpu-quick --device cuda      # only the headline rows, meant for under 5 minutes on an H100
     python bench.py --profile --device cuda --model DiS-S/2 --batch 128 --profile-scan triton   # [--compile]
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 import DiS
 from DiS import mixed_precision
 
-# A variant is "<scan or mode>[+compile][+ckpt]": scans lean, ref, triton, mamba-ssm, stand-in (DiS models);
+# A variant is "<scan or mode>[+compile][+ckpt][+shifts]": scans lean, ref, triton, mamba-ssm, stand-in (DiS
+# models); +shifts: the causal conv as shifted multiply-adds (DiS.CONV_BACKEND = "shifts"; default "conv1d");
 # modes eager, compile (DiT models). Model runs: (name, image size, channels, classes, batch, variants);
 # samples: (name, image size, channels, classes, batch, variant); peer: (image size, channels, classes, batch,
 # [(name, variant), ...]). scans: shapes (b, d_inner, l, n); scan_names: a subset of the scan rows (default all).
@@ -40,6 +42,11 @@ PRESETS = {
                   peer=(32, 3, 0, 4, [("DiS-S/2", "lean"), ("DiT-S/2", "eager"), ("DiT-S/2", "compile")]),
                   samples=[("DiS-T/4", 32, 1, 0, 16, "lean"), ("DiT-T/4", 32, 1, 0, 16, "eager")],
                   case_timeout=300),
+    # the CPU quickstart's model and its scan (b 64, d_inner 192, l 18, n 4), the causal conv both ways
+    "quickstart": dict(scans=[(64, 192, 18, 4)], scan_dtypes=["float32"],
+                       scan_names=["lean", "lean keep_states=False", "lean keep_states=True", "ref"],
+                       models=[("DiS-Q/8", 32, 1, 10, 64, ["lean", "lean+shifts", "ref"])],
+                       samples=[("DiS-Q/8", 32, 1, 10, 64, "lean")], tables="scan,model,sample"),
     "target": dict(scans=[(8, 736, 258, 16), (8, 736, 1026, 16)], scan_dtypes=["float32"],
                    models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt", "lean+compile", "stand-in",
                                                       "stand-in+compile"])],
@@ -47,7 +54,8 @@ PRESETS = {
                    samples=[("DiS-T/4", 32, 1, 0, 16, "lean"), ("DiT-T/4", 32, 1, 0, 16, "eager")]),
     "gpu": dict(scans=[(128, 736, 258, 16), (128, 736, 1026, 16)], scan_dtypes=["float32", "bfloat16"],
                 models=[("DiS-S/2", 32, 3, 0, 128, ["lean", "lean+compile", "lean+ckpt", "mamba-ssm", "triton",
-                                                    "triton+compile", "stand-in", "stand-in+compile"]),
+                                                    "triton+shifts", "triton+compile", "stand-in", "stand-in+shifts",
+                                                    "stand-in+compile"]),
                         ("DiS-S/2", 32, 4, 1000, 128, ["lean", "triton", "triton+compile"]),   # 256px latents
                         ("DiT-S/2", 32, 4, 1000, 128, ["eager", "compile"]),
                         ("DiS-H/2", 32, 4, 1000, 32, ["lean+ckpt", "triton+ckpt"]),
@@ -58,8 +66,8 @@ PRESETS = {
                          ("DiT-S/2", 32, 3, 0, 128, "eager")]),
     # the headline rows only: DiS-S/2 on 256px latents (l = 258 tokens, the scan row's shape) next to DiT-S/2
     "gpu-quick": dict(scans=[(128, 736, 258, 16)], scan_dtypes=["bfloat16"], scan_names=["lean", "triton"],
-                      models=[("DiS-S/2", 32, 4, 1000, 128, ["triton", "triton+compile", "stand-in",
-                                                             "stand-in+compile"]),
+                      models=[("DiS-S/2", 32, 4, 1000, 128, ["triton", "triton+shifts", "triton+compile", "stand-in",
+                                                             "stand-in+shifts", "stand-in+compile"]),
                               ("DiT-S/2", 32, 4, 1000, 128, ["eager", "compile"])],
                       samples=[("DiS-S/2", 32, 4, 1000, 128, "triton"), ("DiT-S/2", 32, 4, 1000, 128, "eager")],
                       tables="scan,model,sample", repeats=3, case_timeout=300),
@@ -143,6 +151,8 @@ def scan_variants(device):
     v = {"lean": DiS.selective_scan_lean, "ref": DiS.selective_scan_ref}
     for chunk in (4, 8, 16, 64):
         v[f"lean chunk={chunk}"] = lambda *a, chunk=chunk, **k: DiS.selective_scan_lean(*a, chunk=chunk, **k)
+    for keep in (False, True):   # the default keeps states below DiS.KEEP_STATES_MB
+        v[f"lean keep_states={keep}"] = lambda *a, keep=keep, **k: DiS.selective_scan_lean(*a, keep_states=keep, **k)
     if importlib.util.find_spec("mambapy") is not None:
         v["mambapy"] = mambapy_scan
     if DiS.mamba_selective_scan_fn is not None and device.type == "cuda":
@@ -290,6 +300,7 @@ def prepare(name, size, chans, classes, variant, device):
     if name not in DIT_CONFIGS:
         model.grad_checkpoint = "ckpt" in variant.split("+")
         use_scan(variant)
+        DiS.CONV_BACKEND = "shifts" if "shifts" in variant.split("+") else "conv1d"
     return model, torch.compile(model) if "compile" in variant.split("+") else model
 
 

@@ -59,8 +59,9 @@ def scan_inputs(b, d, l, n, dtype=torch.float64, seed=0, requires_grad=True):
 
 
 SCANS = {"ref": DiS.selective_scan_ref, "lean": DiS.selective_scan_lean,
-         "lean_chunk3": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=3, **k),
-         "lean_chunk64": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=64, **k)}
+         "lean_chunk3": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=3, keep_states=False, **k),
+         "lean_chunk3_kept": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=3, keep_states=True, **k),
+         "lean_chunk64": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=64, keep_states=False, **k)}
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 4), (2, 3, 7, 4), (1, 2, 20, 3), (2, 4, 9, 4)])
@@ -100,12 +101,56 @@ def test_reference_scan_can_be_copied_alone():
 
 
 @pytest.mark.parametrize("chunk,l", [(1, 5), (3, 7), (8, 8), (4, 1)])
-@pytest.mark.parametrize("matmul", [False, True])
-def test_lean_scan_gradcheck(chunk, l, matmul):
+@pytest.mark.parametrize("matmul,keep_states", [(False, False), (True, False), (False, True)])
+def test_lean_scan_gradcheck(chunk, l, matmul, keep_states):
     x = scan_inputs(2, 3, l, 2)
     fn = lambda *a: DiS.selective_scan_lean(*a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=True,
-                                            chunk=chunk, matmul=matmul)   # matmul: the CUDA form, on CPU
-    assert torch.autograd.gradcheck(fn, tuple(x.values()))
+                                            chunk=chunk, matmul=matmul, keep_states=keep_states)
+    assert torch.autograd.gradcheck(fn, tuple(x.values()))   # matmul: the CUDA form, on CPU
+
+
+def test_lean_scan_keeps_states_only_when_they_are_small(monkeypatch):
+    """keep_states' default: the (l, b, d_inner, n) tensors are saved below KEEP_STATES_MB, not above; a
+    kept scan's graph can be run backward twice (its backward writes into no saved tensor)."""
+    x = scan_inputs(2, 4, 6, 3, dtype=torch.float32)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C")]
+    kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
+
+    def saved_shapes():
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            out = DiS.selective_scan_lean(*args, **kw)
+        return out, shapes
+    monkeypatch.setattr(DiS, "KEEP_STATES_MB", 1)      # 3 x 6*2*4*3 floats = 0.0008 MB: kept
+    out, shapes = saved_shapes()
+    assert (6, 2, 4, 3) in shapes
+    first = torch.autograd.grad(out.sum(), args, retain_graph=True)
+    for a, b in zip(torch.autograd.grad(out.sum(), args), first):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.setattr(DiS, "KEEP_STATES_MB", 0.0005)  # below: only the chunk start states
+    out, shapes = saved_shapes()
+    assert (6, 2, 4, 3) not in shapes and (1, 2, 4, 3) in shapes
+    for a, b in zip(torch.autograd.grad(out.sum(), args), first):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_causal_conv_shifts_equal_conv1d(monkeypatch, dtype):
+    """causal_conv1d's two backends: the same values and gradients (bf16: both sum in float32), and
+    token t depends on tokens t-3..t only."""
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).to(dtype)
+    x = torch.randn(2, 6, 9, dtype=torch.float64).to(dtype).requires_grad_()
+    results = []
+    for backend in ("conv1d", "shifts"):
+        monkeypatch.setattr(DiS, "CONV_BACKEND", backend)
+        out = DiS.causal_conv1d(x, conv)
+        assert out.shape == x.shape and out.dtype == dtype
+        g = torch.autograd.grad(out[..., 5].sum(), [x, conv.weight, conv.bias])
+        assert g[0][..., 6:].abs().sum() == 0 and g[0][..., 2:6].abs().sum() > 0 and g[0][..., :2].abs().sum() == 0
+        results.append((out,) + g)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.double(), b.double(), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -419,7 +464,7 @@ def test_parameter_counts_match_official(size):
 
 
 def test_every_registered_model_builds_and_runs_on_meta():
-    assert len(DiS.DiS_models) == 12
+    assert len(DiS.DiS_models) == 13
     for name, build in DiS.DiS_models.items():
         with torch.device("meta"):
             m = build(image_size=8, in_channels=4, num_classes=10)     # few tokens: the token loop is short
@@ -1055,6 +1100,23 @@ def test_resume_auto_picks_the_run_that_matches_the_flags(fmnist, fmnist_run, tm
     assert f"from {old}/checkpoints/0000005.pt at step 5" in r.stdout                  # 000 was resumed last
     r = run_script("train.py", "--resume", "auto", "--lr", "0.5", "--results-dir", str(res), ok=False)
     expect_user_error(r, "no run in", "000-DiS-T-4", "has --lr 0.0001, not --lr 0.5")
+
+
+@pytest.mark.parametrize("num_classes", [10, 0])
+def test_preview_grid_guides_class_conditional_models(monkeypatch, tmp_path, num_classes):
+    """train.py's preview: classes 0-9, 0-5 in reading order, guided by --sample-cfg-scale; unguided when
+    the model is unconditional."""
+    import train
+    seen = {}
+    monkeypatch.setattr(DiS.Diffusion, "sample", lambda self, model, shape, **k: seen.update(k) or torch.zeros(shape))
+    args, _ = train.parse_args(["--sample-cfg-scale", "3"])
+    config = {"num_classes": num_classes, "in_channels": 1, "input_size": 8, "latents": False}
+    train.preview(None, DiS.Diffusion(), config, args, str(tmp_path / "grid.png"), torch.device("cpu"), None)
+    assert (tmp_path / "grid.png").exists()
+    if num_classes:
+        assert seen["cfg_scale"] == 3 and seen["y"].tolist() == list(range(10)) + list(range(6))
+    else:
+        assert seen["cfg_scale"] == 1.0 and seen["y"] is None
 
 
 def test_help_shows_every_default_and_helps_every_flag():

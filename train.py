@@ -65,6 +65,8 @@ def build_parser():
     add("--ckpt-every", type=int, default=10000, help="steps between checkpoints (one is also written at the end)")
     add("--sample-every", type=int, default=5000, help="steps between grids of EMA samples (0: never)")
     add("--sample-steps", type=int, default=25, help="DDIM steps of the preview grids")
+    add("--sample-cfg-scale", type=float, default=4.0,
+        help="classifier-free guidance of the preview grids of class-conditional models (1: none; DiT's sample.py: 4)")
     add("--results-dir", default="results", help="each run gets a numbered folder in here")
     add("--resume", default=None, help="a checkpoint, a run folder (its newest checkpoint), or 'auto': the newest "
         "run in --results-dir whose settings match the flags given here. A resumed run keeps its settings: "
@@ -76,8 +78,8 @@ def build_parser():
 
 
 # What a resumed run may change; every other setting comes from the checkpoint.
-RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "sample_every", "sample_steps", "num_workers",
-                     "device", "resume", "results_dir", "data_path"}
+RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "sample_every", "sample_steps", "sample_cfg_scale",
+                     "num_workers", "device", "resume", "results_dir", "data_path"}
 
 
 def parse_args(argv=None):
@@ -149,12 +151,14 @@ def make_config(args, dataset, num_classes):
 
 @torch.no_grad()
 def preview(ema, diffusion, config, args, path, device, vae):
-    """A 4x4 grid of EMA samples, from the same noise every time so that grids are comparable."""
+    """A 4x4 grid of EMA samples, from the same noise every time so that grids are comparable; class-
+    conditional models draw classes 0, 1, 2, ... in reading order, guided by --sample-cfg-scale."""
     g = torch.Generator(device).manual_seed(args.seed)
     y = torch.arange(16, device=device) % config["num_classes"] if config["num_classes"] else None
     with DiS.mixed_precision(device):
         x = diffusion.sample(ema, (16, config["in_channels"], config["input_size"], config["input_size"]), y=y,
                              steps=args.sample_steps, sampler="ddim", generator=g, device=device,
+                             cfg_scale=args.sample_cfg_scale if y is not None else 1.0,
                              clip_denoised=not config["latents"])
     import torchvision.utils as vutils
     vutils.save_image(to_images(x, vae), path, nrow=4)
