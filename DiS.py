@@ -598,7 +598,8 @@ def check_labels(y, num_classes):
 #   selective_scan_lean   PyTorch. Forward: the same recurrence, chunk by chunk, keeping one state per chunk.
 #                         Backward: written by hand; recomputes each chunk's states from its saved start
 #                         (the trick of mamba-ssm's CUDA kernel), so only (b, d_inner, l)-sized tensors and
-#                         the chunk states are kept. The default.
+#                         the chunk states are kept. The default. Small scans (KEEP_STATES_MB) keep every
+#                         state instead, and their backward recomputes nothing.
 #   mamba-ssm's kernel    selective_scan_fn, a fused CUDA kernel; used on CUDA when the package is installed.
 #   scan_triton.py        an optional Triton kernel with the same algorithm (CUDA; nothing to compile).
 
@@ -694,7 +695,8 @@ class _LeanScan(torch.autograd.Function):
                 _LeanScan._sum_over_n(hs, C_l[start:end], y_l[start:end], matmul)       # <h_t, C_t>
             out = _finish(_batch_major(y_l), u32, D, z, u.dtype)                        # (b, d_inner, l)
         kept = kept + [y_l] if kept else []
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts), *kept)  # starts: (chunks, b, d_inner, n)
+        # starts: (chunks, b, d_inner, n); kept: decay, drive, states (l, b, d_inner, n) and y_l, or nothing
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts), *kept)
         ctx.delta_softplus, ctx.chunk, ctx.matmul = delta_softplus, chunk, matmul
         return out
 
@@ -790,16 +792,17 @@ def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     chunk = chunk or (16 if u.is_cuda else 8)
     matmul = u.is_cuda if matmul is None else matmul
     if keep_states is None:
-        needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (u, delta, A, B, C, D, z, delta_bias))
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
         keep_states = needs_grad and 3 * 4 * u.numel() * A.shape[1] <= KEEP_STATES_MB * 2 ** 20
     return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul, keep_states)
 
 
 
 # Keeping the states saves the backward's recomputation but streams 3 more big tensors through memory. On the
-# README's 2-core CPU: the quickstart model's scan (b 64, d_inner 192, l 18, n 4; 11 MB kept) took 11.8 ms
-# forward + backward kept against 16.6 recomputed, while DiS-T/4's training step at batch 32 (105 MB per scan)
-# was 5% slower kept. 16 MB keeps it to scans whose states stay near the cache.
+# README's 2-core CPU: the quickstart model's scan (b 64, d_inner 192, l 18, n 4; 11 MB kept) ran forward +
+# backward 1.15-1.4x faster kept, while DiS-T/4's training step at batch 32 (105 MB per scan) was 5% slower
+# kept. 16 MB keeps it to scans whose states stay near the cache.
 KEEP_STATES_MB = 16
 
 
@@ -809,8 +812,8 @@ def causal_conv1d(x, conv):
     CONV_BACKEND "conv1d" (the default): the official way, nn.Conv1d padded on both sides, the first l
     outputs kept. "shifts": d_conv shifted multiply-adds, the same sum written out, a candidate for GPUs, where
     framework depthwise 1-D convolutions are slow (Mamba ships its causal-conv1d kernel for that reason). On
-    the README's 2-core CPU shifts were 1% faster and took 16% more memory, so conv1d stays the default; on a
-    GPU it is not measured yet (bench.py's "+shifts" rows)."""
+    the README's 2-core CPU shifts were 1-5% faster and took 13-16% more memory, so conv1d stays the default;
+    on a GPU it is not measured yet (bench.py's "+shifts" rows)."""
     l = x.shape[-1]
     if CONV_BACKEND == "conv1d":
         return conv(x)[..., :l]                                                         # (b, d_inner, l)

@@ -78,8 +78,8 @@ def build_parser():
 
 
 # What a resumed run may change; every other setting comes from the checkpoint.
-RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "sample_every", "sample_steps", "sample_cfg_scale",
-                     "num_workers", "device", "resume", "results_dir", "data_path"}
+RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "sample_every", "sample_steps",
+                     "sample_cfg_scale", "num_workers", "device", "resume", "results_dir", "data_path"}
 
 
 def parse_args(argv=None):
