@@ -798,7 +798,6 @@ def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul, keep_states)
 
 
-
 # Keeping the states saves the backward's recomputation but streams 3 more big tensors through memory. On the
 # README's 2-core CPU: the quickstart model's scan (b 64, d_inner 192, l 18, n 4; 11 MB kept) ran forward +
 # backward 1.15-1.4x faster kept, while DiS-T/4's training step at batch 32 (105 MB per scan) was 5% slower

@@ -185,7 +185,9 @@ def resume(args, given, may_change):
     if changed:
         raise UserError(f"--resume keeps the run's settings, and {run_of(path)} has "
                         f"{flag(changed, ckpt['args'].get(changed))}: drop {flag(changed)} or start a new run")
-    return path, ckpt, argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in given | {"resume"}}})
+    # vars(args) first: a setting added to the scripts after this checkpoint was written takes its default
+    typed = {k: getattr(args, k) for k in given | {"resume"}}
+    return path, ckpt, argparse.Namespace(**{**vars(args), **ckpt["args"], **typed})
 
 
 def rng_state(gen):

@@ -847,6 +847,18 @@ def test_resume_continues_the_same_loss_trajectory(fmnist, fmnist_run, tmp_path)
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_resume_gives_settings_newer_than_the_checkpoint_their_defaults(fmnist_run, tmp_path):
+    import train
+    from dis_cli import resume
+    ckpt = torch.load(os.path.join(fmnist_run, "checkpoints", "0000002.pt"), weights_only=True)
+    del ckpt["args"]["sample_cfg_scale"]   # as written before that flag existed
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(ckpt, tmp_path / "checkpoints" / "0000002.pt")
+    args, given = train.parse_args(["--resume", str(tmp_path / "checkpoints" / "0000002.pt"), "--max-steps", "9"])
+    _, _, merged = resume(args, given, train.RESUME_MAY_CHANGE)
+    assert merged.sample_cfg_scale == 4.0 and merged.max_steps == 9 and merged.model == "DiS-T/4"
+
+
 def test_resuming_an_older_checkpoint_starts_a_new_run_folder(fmnist_run, tmp_path):
     """The run already went on to step 4: continuing from step 2 must not mix with it."""
     res = str(tmp_path / "res")
