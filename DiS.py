@@ -798,10 +798,9 @@ def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul, keep_states)
 
 
-# Keeping the states saves the backward's recomputation but streams 3 more big tensors through memory. On the
-# README's 2-core CPU: the quickstart model's scan (b 64, d_inner 192, l 18, n 4; 11 MB kept) ran forward +
-# backward 1.15-1.4x faster kept, while DiS-T/4's training step at batch 32 (105 MB per scan) was 5% slower
-# kept. 16 MB keeps it to scans whose states stay near the cache.
+# Keeping the states saves the backward's recomputation but streams 3 more big tensors through memory: it paid
+# for the quickstart model's scan (11 MB kept) and cost time at DiS-T/4's size (105 MB; README, Performance).
+# 16 MB keeps it to scans whose states stay near the cache.
 KEEP_STATES_MB = 16
 
 
@@ -810,9 +809,9 @@ def causal_conv1d(x, conv):
     out_t = bias + sum_k weight_k x_{t - d_conv + 1 + k}, so token t sees tokens t - d_conv + 1 .. t.
     CONV_BACKEND "conv1d" (the default): the official way, nn.Conv1d padded on both sides, the first l
     outputs kept. "shifts": d_conv shifted multiply-adds, the same sum written out, a candidate for GPUs, where
-    framework depthwise 1-D convolutions are slow (Mamba ships its causal-conv1d kernel for that reason). On
-    the README's 2-core CPU shifts were 1-5% faster and took 13-16% more memory, so conv1d stays the default;
-    on a GPU it is not measured yet (bench.py's "+shifts" rows)."""
+    framework depthwise 1-D convolutions are slow (Mamba ships its causal-conv1d kernel for that reason). On a
+    CPU it gained next to nothing for more memory (README, Performance), so conv1d stays the default; on a GPU
+    it is not measured yet (bench.py's "+shifts" rows)."""
     l = x.shape[-1]
     if CONV_BACKEND == "conv1d":
         return conv(x)[..., :l]                                                         # (b, d_inner, l)
