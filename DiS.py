@@ -4,27 +4,29 @@ DiS: diffusion models with a bidirectional Mamba (state space model) backbone, i
 Paper: "Scalable Diffusion Models with State Space Backbone", Fei, Fan, Yu, Huang (arXiv 2402.05608).
 Official code: github.com/feizc/DiS (models_dis.py, built on Vim's patched mamba-ssm and on DiT's diffusion).
 
-Read it top to bottom. The first four sections are the whole model; the fifth only makes it fast:
-  1. Selective scan   - the SSM recurrence, a plain loop (mamba-ssm: selective_scan_ref)
+Read it top to bottom. The first four sections are the whole model, and with SCAN_BACKEND = "ref" the model
+runs on nothing else; the fifth only makes it fast:
+  1. Selective scan   - the SSM recurrence as a plain loop (mamba-ssm: selective_scan_ref), and
+                        selective_scan, the one entry point the model calls, with its switch SCAN_BACKEND
   2. Mixer            - a bidirectional Mamba layer (Vim's "bimamba v2" in mamba_simple.Mamba)
   3. Model            - the DiS network and its sizes (models_dis.DisModel)
   4. Diffusion        - noise schedule, training loss and samplers (DiT's / improved-DDPM's gaussian_diffusion)
-  5. Making it fast   - the memory-lean scan with its hand-written backward, and the choice of scan
-                        (mamba-ssm's selective_scan_fn, or the Triton kernel in scan_triton.py)
-  6. Counting FLOPs   - for bench.py and the README
+  5. Making it fast   - the memory-lean PyTorch scan with its hand-written backward, mamba-ssm's kernel, and
+                        the hook to the fused Triton block of scan_triton.py
 
-Glossary of shape letters (Mamba paper symbols in brackets), one meaning each throughout the file:
-  b        batch size                                           [B]
-  l        sequence length: extra tokens (time, label) + patches [L]
-  d        model width, d_model                                 [D]
-  d_inner  width inside the mixer, expand * d; the scan's channels [E*D]
-  n        SSM state size per channel, d_state                  [N]
-  dt_rank  rank of the low-rank projection that makes delta     [ceil(D/16)]
+Glossary of shape letters and index names, one meaning each throughout the file:
+  b        batch size
+  l        sequence length: extra tokens (time, label) + patches
+  d        model width, d_model
+  d_inner  width inside the mixer, expand * d: the scan's channels
+  n        SSM state size per channel, d_state
+  dt_rank  rank of the low-rank projection that makes delta (ceil(d / 16))
   c, h, w  image channels, height, width;  p  patch size
-In the scan, h_t (h) is the SSM state of Mamba's notation, n numbers per channel, not a height.
+  i        a token's position in the scan: u_i, h_i, decay_i, ...
+  t        a diffusion timestep, an integer in [0, 1000)
+In the scan, h (h_i) is the SSM state of Mamba's notation, n numbers per channel, not a height.
 Other sizes have names: d_conv (the causal conv's width), chunk (tokens per chunk of the lean scan).
 """
-import contextlib
 import math
 
 import torch
@@ -42,19 +44,18 @@ except Exception:  # ImportError, or an OSError/RuntimeError from a broken CUDA 
 #################################################################################
 #                          1. Selective scan                                    #
 #################################################################################
-# The state space recurrence at the heart of Mamba, for each batch element and channel:
-#     dt_t = softplus(delta_t + delta_bias)                (a per-token step size)
-#     h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t    (h_t: a state of n numbers)
-#     y_t  = <h_t, C_t> + D * u_t,   out_t = y_t * silu(z_t)
+# The state space recurrence at the heart of Mamba, for each batch element and channel, token i = 0, 1, ...:
+#     dt_i = softplus(delta_i + delta_bias)                (a per-token step size)
+#     h_i  = exp(dt_i * A) * h_{i-1} + dt_i * B_i * u_i    (h_i: a state of n numbers)
+#     y_i  = <h_i, C_i> + D * u_i,   out_i = y_i * silu(z_i)
 # Layouts follow mamba-ssm's selective_scan_fn, so that its CUDA kernel drops in unchanged:
 #     u, delta, z: (b, d_inner, l)   A: (d_inner, n)   B, C: (b, n, l)   D, delta_bias: (d_inner,)
-# The model calls selective_scan (section 5), which picks a fast implementation of exactly this function.
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The readable reference (mirrors mamba_ssm.ops.selective_scan_interface.selective_scan_ref); it needs
     only torch, torch.nn.functional as F and einops' rearrange. Computes in float32 (float64 for float64
     inputs), under autocast too: it uses only elementwise ops, which autocast leaves alone. Returns u's dtype.
-    The loop walks the tokens with unbind: indexing x[:, :, t] instead would make each step's backward write
+    The loop walks the tokens with unbind: indexing x[:, :, i] instead would make each step's backward write
     a full-size zero gradient, and the backward would grow quadratically in l."""
     out_dtype = u.dtype
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32   # fp16/bf16 can't carry a long recurrence
@@ -66,15 +67,64 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     drive = (dt * u)[..., None] * rearrange(B, "b n l -> b 1 l n")                # (b, d_inner, l, n)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])                           # (b, d_inner, n)
     ys = []
-    for decay_t, drive_t, C_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(2)):
-        h = decay_t * h + drive_t                                                 # (b, d_inner, n)
-        ys.append((h * C_t[:, None, :]).sum(-1))                                  # (b, d_inner)
+    for decay_i, drive_i, C_i in zip(decay.unbind(2), drive.unbind(2), C.unbind(2)):
+        h = decay_i * h + drive_i                                                 # (b, d_inner, n)
+        ys.append((h * C_i[:, None, :]).sum(-1))                                  # (b, d_inner)
     y = torch.stack(ys, dim=-1)                                                   # (b, d_inner, l)
     if D is not None:
         y = y + u * D.to(dtype)[:, None]                                          # (b, d_inner, l)
     if z is not None:
         y = y * F.silu(z.to(dtype))                                               # (b, d_inner, l)
     return y.to(out_dtype)
+
+
+# The one switch of every fast path: which implementation runs the model's scans (and, for "fused", its blocks).
+#   "auto"       mamba-ssm's CUDA kernel where it can run, else the lean PyTorch scan (the default)
+#   "ref"        selective_scan_ref above, exactly as written (slow; keeps every (b, d_inner, l, n) tensor)
+#   "lean"       the lean PyTorch scan of section 5: the same math, a fraction of the memory
+#   "mamba_ssm"  mamba-ssm's kernel; an error where it cannot run
+#   "triton"     the Triton scan of scan_triton.py (CUDA, or Triton's CPU interpreter)
+#   "fused"      each block's add + RMSNorm and its whole mixer as fused Triton kernels of scan_triton.py,
+#                token-major and without flips (Block.forward hands over to it); scans called alone use "triton"
+SCAN_BACKEND = "auto"
+SCAN_BACKENDS = ("auto", "ref", "lean", "mamba_ssm", "triton", "fused")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend=None):
+    """The scan the model calls: selective_scan_ref's arguments and result, run by the implementation that
+    backend (default: SCAN_BACKEND) names. The fast ones live in section 5."""
+    backend = backend or SCAN_BACKEND
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"scan backend must be one of {', '.join(map(repr, SCAN_BACKENDS))}, got {backend!r}")
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "ref":
+        return selective_scan_ref(*args)
+    if backend in ("triton", "fused"):
+        return triton_module(backend).selective_scan_triton(*args)
+    if backend in ("auto", "mamba_ssm") and mamba_kernel_usable(*args[:8]):
+        return mamba_selective_scan_fn(*args[:6], z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    if backend == "mamba_ssm":
+        raise RuntimeError("scan backend 'mamba_ssm' was forced, but mamba-ssm is not installed or these "
+                           "tensors do not suit its kernel (CUDA, float32 A/D/delta_bias, n <= 256, "
+                           "contiguous last dim); set DiS.SCAN_BACKEND = 'auto' to fall back to PyTorch")
+    return selective_scan_lean(*args)
+
+
+def check_scan_shapes(u, delta, A, B, C, D, z, delta_bias):
+    if u.ndim != 3 or A.ndim != 2:
+        raise ValueError(f"selective_scan: u must be (b, d_inner, l) and A (d_inner, n), "
+                         f"got {tuple(u.shape)} and {tuple(A.shape)}")
+    b, d_inner, l = u.shape
+    n = A.shape[-1]
+    expected = {"delta": (delta, (b, d_inner, l)), "A": (A, (d_inner, n)), "B": (B, (b, n, l)),
+                "C": (C, (b, n, l)), "D": (D, (d_inner,)), "z": (z, (b, d_inner, l)), "delta_bias": (delta_bias, (d_inner,))}
+    for name, (x, shape) in expected.items():
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"selective_scan: {name} has shape {tuple(x.shape)}, expected {shape} for u of "
+                             f"shape (b, d_inner, l) = {(b, d_inner, l)} and A of shape (d_inner, n) = {(d_inner, n)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported (DiS uses real A)")
 
 
 #################################################################################
@@ -92,7 +142,7 @@ class SSM(nn.Module):
     def __init__(self, d_inner, d_state=16, d_conv=4, dt_rank=8, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
-        # padding d_conv - 1 on both sides, then keep the first l outputs: token t sees t-3..t only
+        # padded by d_conv - 1 on both sides; forward keeps the first l outputs, so token i sees i-3..i only
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
@@ -109,7 +159,7 @@ class SSM(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner))   # skip connection u -> y
 
     def forward(self, x, z):                                                            # x, z: (b, d_inner, l)
-        x = F.silu(causal_conv1d(x, self.conv1d))                                       # (b, d_inner, l)
+        x = F.silu(self.conv1d(x)[..., :x.shape[-1]])                                   # (b, d_inner, l)
         x_dbl = self.x_proj(x.transpose(1, 2))                                          # (b, l, dt_rank + 2n)
         delta, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (delta @ self.dt_proj.weight.t()).transpose(1, 2)                       # (b, d_inner, l); bias in scan
@@ -175,20 +225,22 @@ class Block(nn.Module):
     need each in-block's mixer output on its own, before it joins the stream; the add happens at the start
     of the next block. Out-blocks first merge a long skip: Linear(2d, d) on [incoming mixer output, skip]."""
 
-    def __init__(self, dim, n_layer, drop_path=0.0, skip=False, **mixer_kwargs):
+    def __init__(self, dim, n_layer, drop_prob=0.0, skip=False, **mixer_kwargs):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm = nn.RMSNorm(dim, eps=1e-5)
         self.mixer = BiMamba(dim, n_layer=n_layer, **mixer_kwargs)
-        self.drop_path = drop_path
+        self.drop_prob = drop_prob   # drop-path of the incoming mixer output (the previous block's)
 
     def forward(self, hidden, residual, skip=None):                                     # (b, l, d) each
         if self.skip_linear is not None:
             hidden = self.skip_linear(torch.cat([hidden, skip], dim=-1))                 # (b, l, d)
+        if SCAN_BACKEND == "fused":   # the rest of this block as fused Triton kernels (section 5)
+            return fused_block(self, hidden, residual)
         if residual is None:   # first block: the embedded tokens start the stream
             residual = hidden.float()                                                   # (b, l, d)
         else:                  # the stream stays float32 even under bf16 autocast
-            residual = residual + drop_path(hidden, self.drop_path, self.training).float()
+            residual = residual + drop_path(hidden, self.drop_prob, self.training).float()
         hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))             # (b, l, d)
         return hidden, residual
 
@@ -250,14 +302,19 @@ class DiS(nn.Module):
         self.label_embed = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.num_patches, hidden_size))
 
-        # depth // 2 in-blocks, a mid-block, depth // 2 out-blocks; the drop-path rate grows linearly with depth
-        drop_rates = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        def block(i, skip=False):
-            return Block(hidden_size, depth, drop_path=drop_rates[i], skip=skip, **mixer_kwargs)
-        self.in_blocks = nn.ModuleList([block(i) for i in range(depth // 2)])
+        # depth // 2 in-blocks, a mid-block, depth // 2 out-blocks. The drop-path rate grows linearly with depth
+        # (the official schedule). A block applies its rate to the mixer output it receives, the previous
+        # block's, so the list starts with a 0.0 for the first block (which receives the embedded tokens), and
+        # the last mixer output, added after the loop in mix(), gets the full rate.
+        drop_rates = [0.0] + [drop_path_rate * k / max(depth - 1, 1) for k in range(depth)]
+        def block(index, skip=False):
+            return Block(hidden_size, depth, drop_prob=drop_rates[index], skip=skip, **mixer_kwargs)
+        self.in_blocks = nn.ModuleList([block(k) for k in range(depth // 2)])
         self.mid_block = block(depth // 2)
-        self.out_blocks = nn.ModuleList([block(depth // 2 + 1 + i, skip=True) for i in range(depth // 2)])
-        self.final_drop_path = drop_path_rate
+        self.out_blocks = nn.ModuleList([block(depth // 2 + 1 + k, skip=True) for k in range(depth // 2)])
+        self.final_drop_prob = drop_path_rate
+        # Mamba's final RMSNorm, then DiT's final layer, which has a LayerNorm of its own: two norms in a row,
+        # as in the official code (kept, so that the architecture and its parameters match it)
         self.norm_f = nn.RMSNorm(hidden_size, eps=1e-5)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, conditional=num_classes > 0)
         self.initialize_weights()
@@ -318,7 +375,7 @@ class DiS(nn.Module):
         hidden, residual = self.run_block(self.mid_block, hidden, residual)             # (b, l, d)
         for block in self.out_blocks:
             hidden, residual = self.run_block(block, hidden, residual, skips.pop())     # (b, l, d)
-        return residual + drop_path(hidden, self.final_drop_path, self.training).float()  # (b, l, d)
+        return residual + drop_path(hidden, self.final_drop_prob, self.training).float()  # (b, l, d)
 
     def run_block(self, block, hidden, residual, skip=None):
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
@@ -346,10 +403,8 @@ def DiS_L_2(**kwargs): return DiS(hidden_size=1024, depth=48, patch_size=2, **kw
 def DiS_L_4(**kwargs): return DiS(hidden_size=1024, depth=48, patch_size=4, **kwargs)
 def DiS_H_2(**kwargs): return DiS(hidden_size=1536, depth=48, patch_size=2, **kwargs)
 def DiS_H_4(**kwargs): return DiS(hidden_size=1536, depth=48, patch_size=4, **kwargs)
-# Not in the paper: the CPU quickstart's model, chosen by measuring what a 15-minute run on 2 cores learns best
-# (README). T's depth, 16 tokens of 8x8 pixels, a 4-number state and no expansion (192 x 4 state numbers per
-# token, against 256 x 16 in DiS-T), and no drop-path: a run this short is nowhere near overfitting, and
-# drop-path only slowed its learning.
+# Not in the paper: the CPU quickstart's model (README): T's depth, 16 tokens of 8x8 pixels, a 4-number state
+# and no expansion, so that a step is cheap on a CPU; no drop-path, since a run of minutes does not overfit.
 def DiS_Q_8(**kwargs): return DiS(hidden_size=192, depth=6, patch_size=8, d_state=4, expand=1, drop_path_rate=0.0,
                                    **kwargs)
 
@@ -366,18 +421,6 @@ def create_model(name, **kwargs):
     if name not in DiS_models:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(DiS_models)}")
     return DiS_models[name](**kwargs)
-
-
-def model_from_config(config):
-    """The model that a checkpoint's "config" (written by train.py) describes, with fresh weights."""
-    return create_model(config["model"], image_size=config["input_size"], in_channels=config["in_channels"],
-                        num_classes=config["num_classes"], learn_sigma=config["learn_sigma"])
-
-
-def mixed_precision(device):
-    """The one precision policy of training, sampling and bench.py: bf16 autocast on CUDA (the scan and the
-    residual stream stay float32 inside DiS), plain float32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 #################################################################################
@@ -409,6 +452,15 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 def mean_flat(x):
     return x.mean(dim=list(range(1, x.ndim)))
+
+
+def check_labels(y, num_classes):
+    """Labels given to sample() or the scripts must be real classes; the null label is internal."""
+    if num_classes == 0:
+        raise ValueError("this model is unconditional (num_classes=0): give no class labels")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"class labels must be in [0, {num_classes - 1}], "
+                         f"got values from {int(y.min())} to {int(y.max())}")
 
 
 class Diffusion:
@@ -483,7 +535,8 @@ class Diffusion:
         else:
             raise ValueError(f"the model returned {model_out.shape[1]} channels for {c}-channel inputs; "
                              f"expected {c} or {2 * c} (with learned sigma)")
-        recip, recip_m1 = (self._per_sample(v.sqrt(), t, x_t) for v in (1 / self.alphas_cumprod, 1 / self.alphas_cumprod - 1))
+        recip, recip_m1 = (self._per_sample(table.sqrt(), t, x_t)
+                           for table in (1 / self.alphas_cumprod, 1 / self.alphas_cumprod - 1))
         x0 = recip * x_t - recip_m1 * eps                                     # invert q_sample
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
@@ -517,6 +570,26 @@ class Diffusion:
             loss = loss + self.vb_terms_bpd(frozen, x0, x_t, t)
         return loss.mean()
 
+    @staticmethod
+    def _check_sample_args(model_fn, y, cfg_scale, null_label, generator, device):
+        """sample()'s checks; returns the null label (for guidance) and the device to sample on: the given
+        one, else the generator's, else the labels', else the model's."""
+        num_classes = getattr(model_fn, "num_classes", None)
+        if y is not None and num_classes is not None:
+            check_labels(y, num_classes)
+        if cfg_scale != 1.0:
+            if y is None:
+                raise ValueError("classifier-free guidance (cfg_scale != 1) needs class labels y; "
+                                 "use cfg_scale=1.0 for an unconditional model")
+            null_label = num_classes if null_label is None else null_label
+            if null_label is None:
+                raise ValueError("cfg_scale != 1 needs null_label, or a model_fn with a num_classes attribute")
+        if device is None:
+            params = next(model_fn.parameters(), None) if isinstance(model_fn, nn.Module) else None
+            device = (generator.device if generator is not None else y.device if y is not None
+                      else params.device if params is not None else torch.device("cpu"))
+        return null_label, device
+
     @torch.no_grad()
     def sample(self, model_fn, shape, y=None, steps=None, sampler="ddpm", cfg_scale=1.0, null_label=None,
                generator=None, progress=False, clip_denoised=False, eta=0.0, device=None):
@@ -528,21 +601,8 @@ class Diffusion:
         to [-1, 1] (right for pixels, wrong for latents). progress: True for a progress bar of its own, or a tqdm bar
         (of several calls) that advances by one per step."""
         steps = self.sampling_steps(sampler, steps)
-        num_classes = getattr(model_fn, "num_classes", None)
-        if y is not None and num_classes is not None:
-            check_labels(y, num_classes)
+        null_label, device = self._check_sample_args(model_fn, y, cfg_scale, null_label, generator, device)
         guided = cfg_scale != 1.0
-        if guided and y is None:
-            raise ValueError("classifier-free guidance (cfg_scale != 1) needs class labels y; "
-                             "use cfg_scale=1.0 for an unconditional model")
-        if guided:
-            null_label = num_classes if null_label is None else null_label
-            if null_label is None:
-                raise ValueError("cfg_scale != 1 needs null_label, or a model_fn with a num_classes attribute")
-        if device is None:  # the generator's, else the labels', else the model's device
-            params = next(model_fn.parameters(), None) if isinstance(model_fn, nn.Module) else None
-            device = (generator.device if generator is not None else y.device if y is not None
-                      else params.device if params is not None else torch.device("cpu"))
         schedule = self.respace(steps)
         x = torch.randn(shape, generator=generator, device=device)
         c = shape[1]
@@ -550,27 +610,27 @@ class Diffusion:
         if progress is True:
             from tqdm.auto import tqdm
             bar = tqdm(total=steps, desc=f"{sampler} sampling")
-        for i in range(schedule.num_timesteps - 1, -1, -1):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            t_model = schedule.timestep_map.to(device)[t]
+        for step in range(schedule.num_timesteps - 1, -1, -1):
+            t = torch.full((shape[0],), step, device=device, dtype=torch.long)   # index into the respaced tables
+            t_model = schedule.timestep_map.to(device)[t]                       # the training timestep it stands for
             if guided:
                 out = model_fn(torch.cat([x, x]), torch.cat([t_model, t_model]),
                                torch.cat([y, torch.full_like(y, null_label)]))
-                cond, uncond = out.float().chunk(2)
-                eps = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
-                out = torch.cat([eps, cond[:, c:]], dim=1)
+                out_cond, out_uncond = out.float().chunk(2)
+                guided_eps = out_uncond[:, :c] + cfg_scale * (out_cond[:, :c] - out_uncond[:, :c])
+                out = torch.cat([guided_eps, out_cond[:, c:]], dim=1)
             else:
                 out = model_fn(x, t_model, y).float()
             out = out.to(x.dtype)
-            mean, log_var, x0, eps = schedule.p_mean_variance(out, x, t, clip_denoised)
-            last = i == 0                                      # no noise is added at the last step
+            mean, log_var, x0, _ = schedule.p_mean_variance(out, x, t, clip_denoised)
+            last = step == 0                                   # no noise is added at the last step
             noise = 0.0 if last else torch.randn(shape, generator=generator, device=device, dtype=x.dtype)
             if sampler == "ddpm":
                 x = mean + torch.exp(0.5 * log_var) * noise
             else:  # DDIM (Song et al.), eps recomputed from the (possibly clipped) x_0
                 # every sample is at the same step: the coefficients are Python floats (float64), which keeps
                 # 1 - acp exact enough near t = 0
-                acp, acp_prev = schedule.alphas_cumprod[i].item(), schedule.alphas_cumprod_prev[i].item()
+                acp, acp_prev = schedule.alphas_cumprod[step].item(), schedule.alphas_cumprod_prev[step].item()
                 eps = (x / math.sqrt(acp) - x0) / math.sqrt(1 / acp - 1)
                 sigma = eta * math.sqrt((1 - acp_prev) / (1 - acp) * (1 - acp / acp_prev))
                 x = x0 * math.sqrt(acp_prev) + math.sqrt(1 - acp_prev - sigma ** 2) * eps + sigma * noise
@@ -581,27 +641,26 @@ class Diffusion:
         return x
 
 
-def check_labels(y, num_classes):
-    """Labels given to sample() or the scripts must be real classes; the null label is internal."""
-    if num_classes == 0:
-        raise ValueError("this model is unconditional (num_classes=0): give no class labels")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"class labels must be in [0, {num_classes - 1}], "
-                         f"got values from {int(y.min())} to {int(y.max())}")
-
-
 #################################################################################
 #                          5. Making it fast                                    #
 #################################################################################
 # Section 1's loop keeps every (b, d_inner, l, n) intermediate for autograd: at DiS-S/2 sizes that is
-# gigabytes per layer. Three faster implementations of the same function, chosen by selective_scan:
+# gigabytes per layer. What selective_scan (section 1) can run instead, and the fused block:
 #   selective_scan_lean   PyTorch. Forward: the same recurrence, chunk by chunk, keeping one state per chunk.
 #                         Backward: written by hand; recomputes each chunk's states from its saved start
 #                         (the trick of mamba-ssm's CUDA kernel), so only (b, d_inner, l)-sized tensors and
-#                         the chunk states are kept. The default. Small scans (KEEP_STATES_MB) keep every
-#                         state instead, and their backward recomputes nothing.
-#   mamba-ssm's kernel    selective_scan_fn, a fused CUDA kernel; used on CUDA when the package is installed.
-#   scan_triton.py        an optional Triton kernel with the same algorithm (CUDA; nothing to compile).
+#                         the chunk states are kept. Small scans (below KEEP_STATES_MB) keep every state
+#                         instead, and their backward recomputes nothing.
+#   mamba-ssm's kernel    selective_scan_fn, a fused CUDA kernel; "auto" takes it on CUDA when it is installed.
+#   scan_triton.py        Triton kernels (nothing to compile ahead of time): the scan alone ("triton"), and
+#                         fused_block ("fused"), the whole of Block.forward after the skip merge in a few
+#                         kernels: add + RMSNorm, and a mixer that stays token-major, with no flips
+#                         (mamba-ssm's mamba_inner_fn is the model).
+
+# Keeping the states saves the backward's recomputation but streams three more (l, b, d_inner, n) tensors
+# through memory: it pays only while they stay near the cache (README, Performance).
+KEEP_STATES_MB = 16
+
 
 def _discretize(u, delta, A, B, delta_bias, delta_softplus):
     """The lean scan's first step: inputs in the compute dtype, and the step size dt = softplus(delta + bias)."""
@@ -642,7 +701,7 @@ class _LeanScan(torch.autograd.Function):
     """The memory-lean scan; tensors inside are token-major: (l, b, d_inner) and (l, b, n), and the
     per-chunk tensors (chunk, b, d_inner, n). The two contractions (over n, and over d_inner) run as a
     batched matrix-vector product where matmul=True (faster on GPUs) or as a multiply-and-sum (faster
-    on CPUs): bench.py's scan table compares them."""
+    on CPUs)."""
 
     @staticmethod
     def _chunk_terms(dt, dtu, A, B, start, end, kept=None):
@@ -655,10 +714,10 @@ class _LeanScan(torch.autograd.Function):
 
     @staticmethod
     def _states(h, decay, drive, hs=None):
-        """h_t = decay_t * h_{t-1} + drive_t for the tokens of one chunk, starting from h (b, d_inner, n)."""
+        """h_i = decay_i * h_{i-1} + drive_i for the tokens of one chunk, starting from h (b, d_inner, n)."""
         hs = torch.empty_like(drive) if hs is None else hs                              # (chunk, b, d_inner, n)
-        for t in range(drive.shape[0]):
-            h = torch.addcmul(drive[t], decay[t], h, out=hs[t])                         # (b, d_inner, n)
+        for i in range(drive.shape[0]):
+            h = torch.addcmul(drive[i], decay[i], h, out=hs[i])                         # (b, d_inner, n)
         return hs
 
     @staticmethod
@@ -692,7 +751,7 @@ class _LeanScan(torch.autograd.Function):
                 decay, drive = _LeanScan._chunk_terms(dt_l, dtu_l, A32, B_l, start, end, kept)
                 hs = _LeanScan._states(h, decay, drive, kept[2][start:end] if kept else None)
                 h = hs[-1] if kept else hs[-1].clone()   # a copy, so that the chunk's states can be freed
-                _LeanScan._sum_over_n(hs, C_l[start:end], y_l[start:end], matmul)       # <h_t, C_t>
+                _LeanScan._sum_over_n(hs, C_l[start:end], y_l[start:end], matmul)       # <h_i, C_i>
             out = _finish(_batch_major(y_l), u32, D, z, u.dtype)                        # (b, d_inner, l)
         kept = kept + [y_l] if kept else []
         # starts: (chunks, b, d_inner, n); kept: decay, drive, states (l, b, d_inner, n) and y_l, or nothing
@@ -700,23 +759,23 @@ class _LeanScan(torch.autograd.Function):
         ctx.delta_softplus, ctx.chunk, ctx.matmul = delta_softplus, chunk, matmul
         return out
 
-    # Backward, derived. Write a_t = exp(dt_t A) (the decay), h_t = a_t h_{t-1} + (dt_t u_t) B_t,
-    # y_t = <h_t, C_t> + D u_t, out_t = y_t silu(z_t), and g_X for dLoss/dX. Each gradient, and the variable
+    # Backward, derived. Write a_i = exp(dt_i A) (the decay), h_i = a_i h_{i-1} + (dt_i u_i) B_i,
+    # y_i = <h_i, C_i> + D u_i, out_i = y_i silu(z_i), and g_X for dLoss/dX. Each gradient, and the variable
     # that holds it:
-    #   g_y_t       = g_out_t silu(z_t)                                  g_y   (g_y_l token-major)
-    #   g_z_t       = g_out_t y_t silu'(z_t)                             g_z   (needs y_t: recomputed)
-    #   g_h_t       = g_y_t C_t + a_{t+1} g_h_{t+1}   (adjoint recurrence, last token first)
+    #   g_y_i       = g_out_i silu(z_i)                                  g_y   (g_y_l token-major)
+    #   g_z_i       = g_out_i y_i silu'(z_i)                             g_z   (needs y_i: recomputed)
+    #   g_h_i       = g_y_i C_i + a_{i+1} g_h_{i+1}   (adjoint recurrence, last token first)
     #                                                                    g_h   per chunk; carry between chunks
-    #   g_C_t       = sum_d_inner g_y_t h_t                              g_C_l
-    #   g_B_t       = sum_d_inner g_h_t (dt_t u_t)                       g_B_l
-    #   g_(dt u)_t  = <g_h_t, B_t>                                       g_dtu_l
-    #   g_(dt A)_t  = g_h_t a_t h_{t-1} = g_h_t (h_t - dt_t u_t B_t)     g_dtA (no shifted copy of the states)
-    #   g_A         = sum_{b,t} g_(dt A)_t dt_t                          g_A
-    #   g_dt_t      = <g_(dt A)_t, A> + g_(dt u)_t u_t                   g_dt_l, then g_dt
-    #   g_u_t       = g_(dt u)_t dt_t + g_y_t D                          g_u
-    #   g_D         = sum_{b,t} g_y_t u_t                                g_D
-    #   g_delta_t   = g_dt_t sigmoid(delta_t + delta_bias)  (softplus' = sigmoid; g_dt itself without softplus)
-    #   g_delta_bias = sum_{b,t} g_delta_t                               g_bias
+    #   g_C_i       = sum_d_inner g_y_i h_i                              g_C_l
+    #   g_B_i       = sum_d_inner g_h_i (dt_i u_i)                       g_B_l
+    #   g_(dt u)_i  = <g_h_i, B_i>                                       g_dtu_l
+    #   g_(dt A)_i  = g_h_i a_i h_{i-1} = g_h_i (h_i - dt_i u_i B_i)     g_dtA (no shifted copy of the states)
+    #   g_A         = sum_{b,i} g_(dt A)_i dt_i                          g_A
+    #   g_dt_i      = <g_(dt A)_i, A> + g_(dt u)_i u_i                   g_dt_l, then g_dt
+    #   g_u_i       = g_(dt u)_i dt_i + g_y_i D                          g_u
+    #   g_D         = sum_{b,i} g_y_i u_i                                g_D
+    #   g_delta_i   = g_dt_i sigmoid(delta_i + delta_bias)  (softplus' = sigmoid; g_dt itself without softplus)
+    #   g_delta_bias = sum_{b,i} g_delta_i                               g_bias
     # test_lean_scan_gradcheck checks every one against finite differences in float64, and
     # test_scan_equals_naive_float64_recurrence against autograd through an element-by-element loop.
     @staticmethod
@@ -738,12 +797,12 @@ class _LeanScan(torch.autograd.Function):
             g_D = (g_y * u32).sum((0, 2)).to(D.dtype) if D is not None else None
             dt_l, dtu_l, B_l, C_l = _token_major(dt), _token_major(dt * u32), _token_major(B32), _token_major(C32)
             g_y_l = _token_major(g_y)                                                   # (l, b, d_inner)
-            y_l = kept[3] if kept else torch.empty_like(dt_l) if z is not None else None  # <h_t, C_t>, (l, b, d_inner)
+            y_l = kept[3] if kept else torch.empty_like(dt_l) if z is not None else None  # <h_i, C_i>, (l, b, d_inner)
             g_dt_l, g_dtu_l = torch.empty_like(dt_l), torch.empty_like(dt_l)            # (l, b, d_inner)
             g_B_l, g_C_l = torch.empty_like(B_l), torch.empty_like(C_l)                 # (l, b, n)
             g_A = torch.zeros_like(A32)                                                 # (d_inner, n)
             l, chunk = u.shape[-1], ctx.chunk
-            carry = torch.zeros_like(starts[0])                  # a_{t+1} g_h_{t+1} from the next chunk
+            carry = torch.zeros_like(starts[0])                  # a_{i+1} g_h_{i+1} from the next chunk
             for index, start in reversed(list(enumerate(range(0, l, chunk)))):
                 end = min(start + chunk, l)
                 if kept:   # the forward's own                                          (chunk, b, d_inner, n) each
@@ -755,10 +814,10 @@ class _LeanScan(torch.autograd.Function):
                         _LeanScan._sum_over_n(hs, C_l[start:end], y_l[start:end], matmul)
                 g_h = g_y_l[start:end, ..., None] * C_l[start:end, :, None, :]          # (chunk, b, d_inner, n)
                 g_h[-1] += carry
-                for t in reversed(range(end - start - 1)):
-                    g_h[t].addcmul_(decay[t + 1], g_h[t + 1])                           # (b, d_inner, n)
+                for i in reversed(range(end - start - 1)):
+                    g_h[i].addcmul_(decay[i + 1], g_h[i + 1])                           # (b, d_inner, n)
                 carry = decay[0] * g_h[0]                                               # (b, d_inner, n)
-                # g_(dt A) = g_h (h_t - drive_t), written into drive's memory (drive is not needed after this;
+                # g_(dt A) = g_h (h_i - drive_i), written into drive's memory (drive is not needed after this;
                 # a kept drive is a saved tensor, which stays untouched so that a second backward still works)
                 g_dtA = torch.sub(hs, drive, out=None if kept else drive).mul_(g_h)     # (chunk, b, d_inner, n)
                 g_A += (g_dtA * dt_l[start:end, ..., None]).sum((0, 1))                 # (d_inner, n)
@@ -785,7 +844,7 @@ class _LeanScan(torch.autograd.Function):
 def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=None,
                         matmul=None, keep_states=None):
     """Memory-lean PyTorch scan; same arguments and result as selective_scan_ref.
-    chunk: tokens per chunk, one saved state each (default 16 on CUDA, 8 elsewhere; bench.py compares sizes).
+    chunk: tokens per chunk, one saved state each (default 16 on CUDA, 8 elsewhere).
     matmul: contract with batched matmul (default on CUDA) or with multiply-and-sum (default elsewhere).
     keep_states: keep every state (3 float32 tensors of (l, b, d_inner, n)) for a backward that recomputes
     nothing; default: when a gradient is needed and they take at most KEEP_STATES_MB."""
@@ -798,130 +857,47 @@ def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul, keep_states)
 
 
-# Keeping the states saves the backward's recomputation but streams 3 more big tensors through memory: it paid
-# for the quickstart model's scan (11 MB kept) and cost time at DiS-T/4's size (105 MB; README, Performance).
-# 16 MB keeps it to scans whose states stay near the cache.
-KEEP_STATES_MB = 16
-
-
-def causal_conv1d(x, conv):
-    """SSM.forward's depthwise causal convolution, with conv's weight (d_inner, 1, d_conv) and bias:
-    out_t = bias + sum_k weight_k x_{t - d_conv + 1 + k}, so token t sees tokens t - d_conv + 1 .. t.
-    CONV_BACKEND "conv1d" (the default): the official way, nn.Conv1d padded on both sides, the first l
-    outputs kept. "shifts": d_conv shifted multiply-adds, the same sum written out, a candidate for GPUs, where
-    framework depthwise 1-D convolutions are slow (Mamba ships its causal-conv1d kernel for that reason). On a
-    CPU it gained next to nothing for more memory (README, Performance), so conv1d stays the default; on a GPU
-    it is not measured yet (bench.py's "+shifts" rows)."""
-    l = x.shape[-1]
-    if CONV_BACKEND == "conv1d":
-        return conv(x)[..., :l]                                                         # (b, d_inner, l)
-    if CONV_BACKEND != "shifts":
-        raise ValueError(f"DiS.CONV_BACKEND must be 'conv1d' or 'shifts', got {CONV_BACKEND!r}")
-    d_conv, dtype = conv.kernel_size[0], torch.promote_types(x.dtype, torch.float32)  # sums in float32, as cuDNN's
-    padded = F.pad(x.to(dtype), (d_conv - 1, 0))                                        # (b, d_inner, l + d_conv - 1)
-    weight = conv.weight[:, 0].to(dtype)                                                # (d_inner, d_conv)
-    out = conv.bias.to(dtype)[:, None] + weight[:, :1] * padded[..., :l]               # (b, d_inner, l)
-    for k in range(1, d_conv):
-        out = torch.addcmul(out, weight[:, k:k + 1], padded[..., k:k + l])              # (b, d_inner, l)
-    return out.to(x.dtype)
-
-
-CONV_BACKEND = "conv1d"
-
-
-def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None, device_type="cuda"):
-    """True when mamba-ssm's kernel is installed and accepts these tensors: all on its device (CUDA),
-    float32/16 or bfloat16 inputs, float32 A/D/delta_bias, n <= 256, contiguous last dimension."""
+def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None):
+    """True when mamba-ssm's kernel is installed and accepts these tensors: all on CUDA, float32/16 or
+    bfloat16 inputs, float32 A/D/delta_bias, n <= 256, contiguous last dimension."""
     if mamba_selective_scan_fn is None:
         return False
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-    return (all(t.device.type == device_type for t in tensors)
+    tensors = [x for x in (u, delta, A, B, C, D, z, delta_bias) if x is not None]
+    return (all(x.device.type == "cuda" for x in tensors)
             and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and A.shape[-1] <= 256
-            and all(t.dtype == torch.float32 for t in (A, D, delta_bias) if t is not None)
-            and all(t.stride(-1) == 1 for t in tensors))
+            and all(x.dtype == torch.float32 for x in (A, D, delta_bias) if x is not None)
+            and all(x.stride(-1) == 1 for x in tensors))
 
 
-def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias):
-    if u.ndim != 3 or A.ndim != 2:
-        raise ValueError(f"selective_scan: u must be (b, d_inner, l) and A (d_inner, n), "
-                         f"got {tuple(u.shape)} and {tuple(A.shape)}")
-    b, d_inner, l = u.shape
-    n = A.shape[-1]
-    expected = {"delta": (delta, (b, d_inner, l)), "A": (A, (d_inner, n)), "B": (B, (b, n, l)),
-                "C": (C, (b, n, l)), "D": (D, (d_inner,)), "z": (z, (b, d_inner, l)), "delta_bias": (delta_bias, (d_inner,))}
-    for name, (t, shape) in expected.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {shape} for u of "
-                             f"shape (b, d_inner, l) = {(b, d_inner, l)} and A of shape (d_inner, n) = {(d_inner, n)}")
-    if A.is_complex():
-        raise ValueError("selective_scan: complex A is not supported (DiS uses real A)")
+def triton_module(backend):
+    """scan_triton.py, imported on first use, so that DiS.py copied alone never needs it."""
+    try:
+        import scan_triton
+    except ImportError as e:
+        raise RuntimeError(f"scan backend {backend!r} needs scan_triton.py beside DiS.py and Triton ({e}); "
+                           f"set DiS.SCAN_BACKEND = 'auto' for the PyTorch scan") from e
+    return scan_triton
 
 
-# The one switch: which implementation selective_scan uses.
-#   "auto"      mamba-ssm's kernel where it can run, else the lean PyTorch scan
-#   "torch"     always the lean PyTorch scan
-#   "mamba_ssm" always mamba-ssm's kernel (an error where it cannot run)
-#   "triton"    the Triton kernel of scan_triton.py (CUDA; an error where it cannot be imported)
-SCAN_BACKEND = "auto"
-SCAN_BACKENDS = ("auto", "torch", "mamba_ssm", "triton")
+def _autocast_dtype(x):
+    """The dtype autocast gives a Linear's output on x's device: the fused kernels must match it."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend=None):
-    """The selective scan with mamba-ssm's signature (selective_scan_fn); the math is section 1's
-    selective_scan_ref. backend: None for the module-level SCAN_BACKEND, or one of SCAN_BACKENDS."""
-    backend = backend or SCAN_BACKEND
-    if backend not in SCAN_BACKENDS:
-        raise ValueError(f"scan backend must be one of {', '.join(map(repr, SCAN_BACKENDS))}, got {backend!r}")
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
-    if backend == "triton":
-        try:
-            from scan_triton import selective_scan_triton
-        except ImportError as e:
-            raise RuntimeError(f"scan backend 'triton' needs scan_triton.py beside DiS.py and Triton ({e}); "
-                               f"set DiS.SCAN_BACKEND = 'auto' for the PyTorch scan") from e
-        return selective_scan_triton(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    if backend != "torch" and mamba_kernel_usable(u, delta, A, B, C, D, z, delta_bias):
-        return mamba_selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias,
-                                       delta_softplus=delta_softplus)
-    if backend == "mamba_ssm":
-        raise RuntimeError("scan backend 'mamba_ssm' was forced, but mamba-ssm is not installed or these "
-                           "tensors do not suit its kernel (CUDA, float32 A/D/delta_bias, n <= 256, "
-                           "contiguous last dim); set DiS.SCAN_BACKEND = 'auto' to fall back to PyTorch")
-    return selective_scan_lean(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-
-
-#################################################################################
-#                          6. Counting FLOPs                                    #
-#################################################################################
-
-def scan_flops(b, d_inner, l, n):
-    """Elementwise FLOPs of one selective scan (1 multiply-add = 2 FLOPs; exp, softplus, sigmoid = 1 each):
-    per (b, d_inner, l, n): dt*A, exp, (dt u)*B, h = decay*h + drive (2), y += h*C (2)   -> 7
-    per (b, d_inner, l):    bias add, softplus, dt*u, D*u + y (2), silu(z) (2), gate      -> 8"""
-    return b * d_inner * l * (7 * n + 8)
-
-
-def count_flops(model, batch=1):
-    """Forward FLOPs of a DiS model for `batch` inputs of its own size, 1 multiply-add = 2 FLOPs.
-    Returns {"matmul": every Linear, conv and the patch embedding, "scan": the selective scans' elementwise
-    work, "total"}. Norms, activations and additions outside the scan are left out (a few percent).
-    The official numbers came from a hook counter that misses the mixer's projections and the scan."""
-    d, l = model.hidden_size, model.extras + model.num_patches
-    ssm = model.mid_block.mixer.forward_ssm
-    d_inner, n, dt_rank, d_conv = ssm.D.shape[0], ssm.d_state, ssm.dt_rank, ssm.conv1d.kernel_size[0]
-    p, c = model.patch_size, model.in_channels
-    layers = model.depth + 1
-    mm = 2 * c * p * p * d * model.num_patches                          # patch embedding
-    mm += 2 * (d * 4 * d + 4 * d * d)                                   # time MLP
-    per_layer = 2 * l * d * 2 * d_inner + 2 * l * d_inner * d           # in_proj, out_proj
-    # per direction: the causal conv (on l + d_conv - 1 padded outputs), x_proj, dt_proj
-    per_layer += 2 * (2 * d_inner * d_conv * (l + d_conv - 1) + 2 * l * d_inner * (dt_rank + 2 * n)
-                      + 2 * l * dt_rank * d_inner)
-    mm += layers * per_layer
-    mm += (model.depth // 2) * 2 * l * 2 * d * d                        # skip linears
-    if model.num_classes > 0:
-        mm += 2 * d * 2 * d                                             # adaLN
-    mm += 2 * l * d * p * p * model.out_channels                        # final linear (on every token)
-    scan = layers * 2 * scan_flops(1, d_inner, l, n)
-    return {"matmul": batch * mm, "scan": batch * scan, "total": batch * (mm + scan)}
+def fused_block(block, hidden, residual):
+    """Block.forward after its skip merge, as the fused kernels of scan_triton.py (SCAN_BACKEND "fused"):
+    the same math, parameters and state_dict, and the same (mixer output, residual stream) result."""
+    st = triton_module("fused")
+    if not st.triton_scan_usable(hidden):
+        raise RuntimeError(f"scan backend 'fused' cannot run on {hidden.device.type} tensors: its Triton kernels "
+                           f"need CUDA (or TRITON_INTERPRET=1 set before torch is imported, for tests); "
+                           f"set DiS.SCAN_BACKEND = 'auto'")
+    keep = None
+    if residual is not None and block.drop_prob > 0 and block.training:   # drop-path, one factor per sample
+        keep = hidden.new_empty(hidden.shape[0], dtype=torch.float32).bernoulli_(1 - block.drop_prob)
+        keep = keep / (1 - block.drop_prob)
+    normed, residual = st.add_rms_norm_triton(hidden, residual, block.norm.weight, block.norm.eps, scale=keep,
+                                              out_dtype=_autocast_dtype(hidden))           # (b, l, d) each
+    return st.bimamba_fused(block.mixer, normed), residual

@@ -6,8 +6,8 @@ and a profiling mode for one model's training step.
     python bench.py --preset quickstart      # the CPU quickstart's model (DiS-Q/8, batch 64)
     python bench.py --preset gpu --device cuda --markdown bench_gpu.md
     python bench.py --preset gpu-quick --device cuda      # only the headline rows, meant for under 5 minutes on an H100
-    python bench.py --profile --device cuda --model DiS-S/2 --batch 128 --profile-scan triton   # [--compile]
-    python bench.py --profile --device cpu --model DiS-T/4 --batch 8      # writes profile_DiS-T_4_torch.txt
+    python bench.py --profile --device cuda --model DiS-S/2 --batch 128 --profile-scan fused   # [--compile]
+    python bench.py --profile --device cpu --model DiS-T/4 --batch 8      # writes profile_DiS-T_4_lean.txt
 Times are medians over --repeats runs after a warm-up (CUDA synchronised). Peak memory: on CUDA the
 allocator's peak; on CPU the growth of the process's peak resident set, each case in a fresh process.
 Every row names the scan it runs (lean, ref, triton, mamba-ssm, stand-in): nothing picks a kernel behind
@@ -29,11 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import DiS
-from DiS import mixed_precision
+from dis_cli import mixed_precision
 
-# A variant is "<scan or mode>[+compile][+ckpt][+shifts]": scans lean, ref, triton, mamba-ssm, stand-in (DiS
-# models); +shifts: the causal conv as shifted multiply-adds (DiS.CONV_BACKEND = "shifts"; default "conv1d");
-# modes eager, compile (DiT models). Model runs: (name, image size, channels, classes, batch, variants);
+# A variant is "<scan or mode>[+compile][+ckpt]": scans lean, ref, triton, fused (the fused Triton blocks),
+# mamba-ssm, stand-in (DiS models); modes eager, compile (DiT models). Model runs: (name, image size, channels, classes, batch, variants);
 # samples: (name, image size, channels, classes, batch, variant); peer: (image size, channels, classes, batch,
 # [(name, variant), ...]). scans: shapes (b, d_inner, l, n); scan_names: a subset of the scan rows (default all).
 PRESETS = {
@@ -42,10 +41,10 @@ PRESETS = {
                   peer=(32, 3, 0, 4, [("DiS-S/2", "lean"), ("DiT-S/2", "eager"), ("DiT-S/2", "compile")]),
                   samples=[("DiS-T/4", 32, 1, 0, 16, "lean"), ("DiT-T/4", 32, 1, 0, 16, "eager")],
                   case_timeout=300),
-    # the CPU quickstart's model and its scan (b 64, d_inner 192, l 18, n 4), the causal conv both ways
+    # the CPU quickstart's model and its scan (b 64, d_inner 192, l 18, n 4)
     "quickstart": dict(scans=[(64, 192, 18, 4)], scan_dtypes=["float32"],
                        scan_names=["lean", "lean keep_states=False", "lean keep_states=True", "ref"],
-                       models=[("DiS-Q/8", 32, 1, 10, 64, ["lean", "lean+shifts", "ref"])],
+                       models=[("DiS-Q/8", 32, 1, 10, 64, ["lean", "ref"])],
                        samples=[("DiS-Q/8", 32, 1, 10, 64, "lean")], tables="scan,model,sample"),
     "target": dict(scans=[(8, 736, 258, 16), (8, 736, 1026, 16)], scan_dtypes=["float32"],
                    models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt", "lean+compile", "stand-in",
@@ -54,22 +53,22 @@ PRESETS = {
                    samples=[("DiS-T/4", 32, 1, 0, 16, "lean"), ("DiT-T/4", 32, 1, 0, 16, "eager")]),
     "gpu": dict(scans=[(128, 736, 258, 16), (128, 736, 1026, 16)], scan_dtypes=["float32", "bfloat16"],
                 models=[("DiS-S/2", 32, 3, 0, 128, ["lean", "lean+compile", "lean+ckpt", "mamba-ssm", "triton",
-                                                    "triton+shifts", "triton+compile", "stand-in", "stand-in+shifts",
-                                                    "stand-in+compile"]),
-                        ("DiS-S/2", 32, 4, 1000, 128, ["lean", "triton", "triton+compile"]),   # 256px latents
+                                                    "triton+compile", "fused", "fused+compile", "fused+ckpt",
+                                                    "stand-in", "stand-in+compile"]),
+                        ("DiS-S/2", 32, 4, 1000, 128, ["lean", "triton", "fused", "fused+compile"]),   # 256px latents
                         ("DiT-S/2", 32, 4, 1000, 128, ["eager", "compile"]),
-                        ("DiS-H/2", 32, 4, 1000, 32, ["lean+ckpt", "triton+ckpt"]),
+                        ("DiS-H/2", 32, 4, 1000, 32, ["lean+ckpt", "triton+ckpt", "fused+ckpt"]),
                         ("DiT-XL/2", 32, 4, 1000, 32, ["eager", "compile"])],
-                peer=(32, 3, 0, 128, [("DiS-S/2", "lean"), ("DiS-S/2", "triton"), ("DiS-S/2", "triton+compile"),
-                                      ("DiT-S/2", "eager"), ("DiT-S/2", "compile")]),
-                samples=[("DiS-S/2", 32, 3, 0, 128, "lean"), ("DiS-S/2", 32, 3, 0, 128, "triton"),
+                peer=(32, 3, 0, 128, [("DiS-S/2", "lean"), ("DiS-S/2", "triton"), ("DiS-S/2", "fused"),
+                                      ("DiS-S/2", "fused+compile"), ("DiT-S/2", "eager"), ("DiT-S/2", "compile")]),
+                samples=[("DiS-S/2", 32, 3, 0, 128, "lean"), ("DiS-S/2", 32, 3, 0, 128, "fused"),
                          ("DiT-S/2", 32, 3, 0, 128, "eager")]),
     # the headline rows only: DiS-S/2 on 256px latents (l = 258 tokens, the scan row's shape) next to DiT-S/2
     "gpu-quick": dict(scans=[(128, 736, 258, 16)], scan_dtypes=["bfloat16"], scan_names=["lean", "triton"],
-                      models=[("DiS-S/2", 32, 4, 1000, 128, ["triton", "triton+shifts", "triton+compile", "stand-in",
-                                                             "stand-in+shifts", "stand-in+compile"]),
+                      models=[("DiS-S/2", 32, 4, 1000, 128, ["lean", "triton", "fused", "fused+compile", "stand-in",
+                                                             "stand-in+compile"]),
                               ("DiT-S/2", 32, 4, 1000, 128, ["eager", "compile"])],
-                      samples=[("DiS-S/2", 32, 4, 1000, 128, "triton"), ("DiT-S/2", 32, 4, 1000, 128, "eager")],
+                      samples=[("DiS-S/2", 32, 4, 1000, 128, "fused"), ("DiT-S/2", 32, 4, 1000, 128, "eager")],
                       tables="scan,model,sample", repeats=3, case_timeout=300),
 }
 
@@ -260,7 +259,7 @@ DIT_CONFIGS = {"DiT-T/4": dict(d=128, depth=6, heads=2, patch=4),
                "DiT-S/2": dict(d=384, depth=12, heads=6, patch=2),
                "DiT-XL/2": dict(d=1152, depth=28, heads=16, patch=2)}
 
-SCAN_BACKEND_OF = {"lean": "torch", "triton": "triton", "mamba-ssm": "mamba_ssm"}   # variant -> DiS.SCAN_BACKEND
+SCAN_BACKEND_OF = {"lean": "lean", "ref": "ref", "triton": "triton", "fused": "fused", "mamba-ssm": "mamba_ssm"}
 
 
 def make_model(name, size, chans, classes):
@@ -270,13 +269,12 @@ def make_model(name, size, chans, classes):
 
 
 def use_scan(variant):
-    """Make DiS's mixer run the scan that the variant names. DiS.SSM.forward looks DiS.selective_scan up at
-    call time, so ref and stand-in replace it; the others force DiS.SCAN_BACKEND (each case is its own process)."""
+    """Make DiS's mixer run the scan that the variant names: DiS.SCAN_BACKEND, forced (each case is its own
+    process); the stand-in, which is not a scan, replaces DiS.selective_scan, which SSM.forward looks up at
+    call time."""
     scan = variant.split("+")[0]
-    DiS.SCAN_BACKEND = SCAN_BACKEND_OF.get(scan, "torch")
-    if scan == "ref":
-        DiS.selective_scan = lambda *a, backend=None, **k: DiS.selective_scan_ref(*a, **k)
-    elif scan == "stand-in":
+    DiS.SCAN_BACKEND = SCAN_BACKEND_OF.get(scan, "lean")
+    if scan == "stand-in":
         DiS.selective_scan = lambda *a, backend=None, **k: stand_in_scan(*a, **k)
     elif scan not in SCAN_BACKEND_OF:
         raise ValueError(f"unknown scan in variant {variant!r}")
@@ -286,7 +284,7 @@ def variant_usable(name, variant, device):
     scan = variant.split("+")[0]
     if name in DIT_CONFIGS:
         return True
-    if scan == "triton":
+    if scan in ("triton", "fused"):
         return triton_usable(device)
     if scan == "mamba-ssm":
         return device.type == "cuda" and DiS.mamba_selective_scan_fn is not None
@@ -300,7 +298,6 @@ def prepare(name, size, chans, classes, variant, device):
     if name not in DIT_CONFIGS:
         model.grad_checkpoint = "ckpt" in variant.split("+")
         use_scan(variant)
-        DiS.CONV_BACKEND = "shifts" if "shifts" in variant.split("+") else "conv1d"
     return model, torch.compile(model) if "compile" in variant.split("+") else model
 
 
@@ -348,6 +345,39 @@ def sample_case(spec, device, repeats):
     return {"img_s": batch / t, "batch_s": t}
 
 
+def scan_flops(b, d_inner, l, n):
+    """Elementwise FLOPs of one selective scan (1 multiply-add = 2 FLOPs; exp, softplus, sigmoid = 1 each):
+    per (b, d_inner, l, n): dt*A, exp, (dt u)*B, h = decay*h + drive (2), y += h*C (2)   -> 7
+    per (b, d_inner, l):    bias add, softplus, dt*u, D*u + y (2), silu(z) (2), gate      -> 8"""
+    return b * d_inner * l * (7 * n + 8)
+
+
+def count_flops(model, batch=1):
+    """Forward FLOPs of a DiS model for `batch` inputs of its own size, 1 multiply-add = 2 FLOPs.
+    Returns {"matmul": every Linear, conv and the patch embedding, "scan": the selective scans' elementwise
+    work, "total"}. Norms, activations and additions outside the scan are left out (a few percent).
+    The official numbers came from a hook counter that misses the mixer's projections and the scan.
+    The README's model-size table comes from here."""
+    d, l = model.hidden_size, model.extras + model.num_patches
+    ssm = model.mid_block.mixer.forward_ssm
+    d_inner, n, dt_rank, d_conv = ssm.D.shape[0], ssm.d_state, ssm.dt_rank, ssm.conv1d.kernel_size[0]
+    p, c = model.patch_size, model.in_channels
+    layers = model.depth + 1
+    mm = 2 * c * p * p * d * model.num_patches                          # patch embedding
+    mm += 2 * (d * 4 * d + 4 * d * d)                                   # time MLP
+    per_layer = 2 * l * d * 2 * d_inner + 2 * l * d_inner * d           # in_proj, out_proj
+    # per direction: the causal conv (on l + d_conv - 1 padded outputs), x_proj, dt_proj
+    per_layer += 2 * (2 * d_inner * d_conv * (l + d_conv - 1) + 2 * l * d_inner * (dt_rank + 2 * n)
+                      + 2 * l * dt_rank * d_inner)
+    mm += layers * per_layer
+    mm += (model.depth // 2) * 2 * l * 2 * d * d                        # skip linears
+    if model.num_classes > 0:
+        mm += 2 * d * 2 * d                                             # adaLN
+    mm += 2 * l * d * p * p * model.out_channels                        # final linear (on every token)
+    scan = layers * 2 * scan_flops(1, d_inner, l, n)
+    return {"matmul": batch * mm, "scan": batch * scan, "total": batch * (mm + scan)}
+
+
 def dit_flops(name, size, chans, classes):
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
@@ -360,11 +390,11 @@ def dit_flops(name, size, chans, classes):
 
 
 def model_flops(name, size, chans, classes):
-    """Forward FLOPs per image: DiS.count_flops for DiS, torch's FLOP counter for DiT."""
+    """Forward FLOPs per image: count_flops for DiS, torch's FLOP counter for DiT."""
     if name in DIT_CONFIGS:
         return dit_flops(name, size, chans, classes)
     with torch.device("meta"):
-        return DiS.count_flops(make_model(name, size, chans, classes))["total"]
+        return count_flops(make_model(name, size, chans, classes))["total"]
 
 
 #################################################################################
@@ -374,11 +404,11 @@ def model_flops(name, size, chans, classes):
 def profile(args, device):
     """--profile: warm-up training steps, then torch.profiler over 3 steps; writes the operator table."""
     from torch.profiler import ProfilerActivity
-    scan = args.profile_scan or ("triton" if device.type == "cuda" else "torch")
+    scan = args.profile_scan or ("fused" if device.type == "cuda" else "lean")
     if args.model in DIT_CONFIGS:
         variant = label = "compile" if args.compile else "eager"
     else:
-        variant = {"torch": "lean"}.get(scan, scan) + ("+compile" if args.compile else "")
+        variant = scan + ("+compile" if args.compile else "")
         label = scan + ("_compile" if args.compile else "")
     spec = (args.model, args.image_size, args.in_channels, args.num_classes, args.batch, variant)
     _, step = training_step(*spec, device)
@@ -450,8 +480,8 @@ def main():
     p.add_argument("--markdown", default=None, help="also write the tables to this markdown file")
     g = p.add_argument_group("profiling (--profile)")
     g.add_argument("--profile", action="store_true", help="profile training steps of --model instead of the tables")
-    g.add_argument("--profile-scan", choices=["triton", "torch", "stand-in"], default=None,
-                   help="the scan in DiS models (default: triton on CUDA, torch elsewhere)")
+    g.add_argument("--profile-scan", choices=["fused", "triton", "lean", "stand-in"], default=None,
+                   help="the scan in DiS models (default: fused on CUDA, lean elsewhere)")
     g.add_argument("--profile-out", default=None, help="output file (default: profile_<model>_<scan>.txt)")
     g.add_argument("--model", default="DiS-S/2", help="a DiS model or one of " + ", ".join(DIT_CONFIGS))
     g.add_argument("--batch", type=int, default=128)
@@ -552,7 +582,7 @@ def main():
             for size, chans, classes in ((32, 3, 0), (32, 4, 1000)):
                 with torch.device("meta"):
                     m = DiS.create_model(name, image_size=size, in_channels=chans, num_classes=classes)
-                f = DiS.count_flops(m)
+                f = count_flops(m)
                 cells += [f"{sum(q.numel() for q in m.parameters()) / 1e6:.2f}", f"{f['total'] / 1e9:.2f}",
                           f"{100 * f['scan'] / f['total']:.0f}%"]
             rows.append(cells)

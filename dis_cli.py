@@ -1,6 +1,7 @@
 """
 What the scripts (train.py, sample.py, encode_latents.py, bench.py) share, so that none imports another:
-one-line errors, the device, checkpoint files and run folders, the VAE. The model itself is in DiS.py.
+one-line errors, the device, the scan backend and the precision, checkpoint files and run folders, the VAE.
+The model itself is in DiS.py.
 """
 import argparse
 import contextlib
@@ -83,6 +84,35 @@ def pick_device(choice, index=0):
     return torch.device("cuda", index)
 
 
+def add_scan_backend_flag(parser):
+    parser.add_argument("--scan-backend", default="auto", choices=DiS.SCAN_BACKENDS,
+                        help="DiS.SCAN_BACKEND: auto = mamba-ssm's CUDA kernel where installed, else the lean "
+                             "PyTorch scan; ref = the plain loop; triton = the Triton scan; fused = Triton blocks "
+                             "(token-major, no flips); triton and fused need CUDA")
+
+
+def set_scan_backend(name, device):
+    """DiS.SCAN_BACKEND = name, after checking that it can run on device (one line if it cannot)."""
+    if name == "mamba_ssm" and (DiS.mamba_selective_scan_fn is None or device.type != "cuda"):
+        raise UserError("--scan-backend mamba_ssm needs mamba-ssm installed and a CUDA device; "
+                        "use --scan-backend auto")
+    if name in ("triton", "fused"):
+        try:
+            usable = DiS.triton_module(name).triton_scan_usable(torch.empty(0, device=device))
+        except RuntimeError as e:
+            raise UserError(str(e))
+        if not usable:
+            raise UserError(f"--scan-backend {name} needs a CUDA device (its Triton kernels run on a CPU only "
+                            f"in Triton's slow interpreter); use --scan-backend auto")
+    DiS.SCAN_BACKEND = name
+
+
+def mixed_precision(device):
+    """The one precision policy of training, sampling and bench.py: bf16 autocast on CUDA (the scan and the
+    residual stream stay float32 inside DiS), plain float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 #################################################################################
 #                         Checkpoints and run folders                           #
 #################################################################################
@@ -102,10 +132,16 @@ def load_checkpoint(path, mmap=False):
     return ckpt
 
 
+def model_from_config(config):
+    """The model that a checkpoint's "config" (written by train.py) describes, with fresh weights."""
+    return DiS.create_model(config["model"], image_size=config["input_size"], in_channels=config["in_channels"],
+                            num_classes=config["num_classes"], learn_sigma=config["learn_sigma"])
+
+
 def model_from_checkpoint(ckpt, path, weights="model"):
     """The model a checkpoint describes, with its weights ("model" or "ema")."""
     try:
-        model = DiS.model_from_config(ckpt["config"])
+        model = model_from_config(ckpt["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"the checkpoint describes a model this DiS.py cannot build ({e})")
     load_weights(model, ckpt[weights], path)

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 import DiS
-from dis_cli import (HelpFormatter, UserError, add_device_flag, load_checkpoint, load_vae, model_from_checkpoint,
-                     pick_device, resolve_checkpoint, run, run_of, to_images)
+from dis_cli import (HelpFormatter, UserError, add_device_flag, add_scan_backend_flag, load_checkpoint, load_vae,
+                     mixed_precision, model_from_checkpoint, pick_device, resolve_checkpoint, run, run_of,
+                     set_scan_backend, to_images)
 
 
 def parse_args(argv=None):
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     add("--vae", default=None, help="latent checkpoints: the VAE to decode with (default: the one they were "
                                     "encoded with, a hub name or a local diffusers folder)")
     add_device_flag(p)
+    add_scan_backend_flag(p)
     return p.parse_args(argv)
 
 
@@ -84,6 +86,7 @@ def main(args):
         if os.path.exists(t):
             raise UserError(f"{t} exists already; pass another --out or --seed, or remove it")
     device = pick_device(args.device)
+    set_scan_backend(args.scan_backend, device)
     model = model_from_checkpoint(ckpt, path, weights).to(device).eval()
     vae = load_vae(args.vae or config["vae"], device) if config["latents"] else None
     out_dir = os.path.dirname(os.path.abspath(out))
@@ -117,7 +120,7 @@ def draw(args, model, config, labels, cfg_scale, steps, device, vae):
         for start in range(0, args.num_samples, args.batch_size):
             n = min(args.batch_size, args.num_samples - start)
             y = labels[start:start + n].to(device) if labels is not None else None
-            with DiS.mixed_precision(device):
+            with mixed_precision(device):
                 x = diffusion.sample(model, (n,) + size, y=y, steps=steps, sampler=args.sampler, cfg_scale=cfg_scale,
                                      generator=gen, device=device, clip_denoised=not config["latents"], progress=bar)
             with torch.no_grad():

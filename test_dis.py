@@ -134,25 +134,6 @@ def test_lean_scan_keeps_states_only_when_they_are_small(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_causal_conv_shifts_equal_conv1d(monkeypatch, dtype):
-    """causal_conv1d's two backends: the same values and gradients (bf16: both sum in float32), and
-    token t depends on tokens t-3..t only."""
-    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).to(dtype)
-    x = torch.randn(2, 6, 9, dtype=torch.float64).to(dtype).requires_grad_()
-    results = []
-    for backend in ("conv1d", "shifts"):
-        monkeypatch.setattr(DiS, "CONV_BACKEND", backend)
-        out = DiS.causal_conv1d(x, conv)
-        assert out.shape == x.shape and out.dtype == dtype
-        g = torch.autograd.grad(out[..., 5].sum(), [x, conv.weight, conv.bias])
-        assert g[0][..., 6:].abs().sum() == 0 and g[0][..., 2:6].abs().sum() > 0 and g[0][..., :2].abs().sum() == 0
-        results.append((out,) + g)
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
-    for a, b in zip(*results):
-        torch.testing.assert_close(a.double(), b.double(), **tol)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_variants_equal_default_and_keep_dtype(dtype):
     x = scan_inputs(2, 16, 37, 8, dtype=dtype)
@@ -194,12 +175,20 @@ def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
     assert not DiS.mamba_kernel_usable(*args, kw["D"], kw["z"], kw["delta_bias"])   # CPU tensors: not the kernel's
     DiS.selective_scan(*args, **kw)
     assert calls == []
-    # from here on, pretend the kernel runs on the CPU: its other conditions still apply
+    # from here on, pretend the tensors are on CUDA (fake CUDA tensors of the same dtypes and strides), so
+    # that the kernel's other conditions still apply
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def on_cuda(*tensors):
+        with FakeTensorMode():
+            return [None if x is None else torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cuda")
+                    for x in tensors]
     usable = DiS.mamba_kernel_usable
-    monkeypatch.setattr(DiS, "mamba_kernel_usable", lambda *a, **k: usable(*a, **k, device_type="cpu"))
+    assert usable(*on_cuda(*args, kw["D"], kw["z"], kw["delta_bias"]))
+    monkeypatch.setattr(DiS, "mamba_kernel_usable", lambda *a: usable(*on_cuda(*a)))
     DiS.selective_scan(*args, **kw)
     assert len(calls) == 1                                            # auto: the kernel
-    DiS.selective_scan(*args, backend="torch", **kw)
+    DiS.selective_scan(*args, backend="lean", **kw)
     assert len(calls) == 1                                            # forced PyTorch
     x64 = scan_inputs(1, 4, 5, 3, requires_grad=False)
     DiS.selective_scan(x64["u"], x64["delta"], x64["A"].float(), x64["B"], x64["C"], delta_softplus=True)
@@ -209,7 +198,7 @@ def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(RuntimeError, match="mamba_ssm"):
         DiS.selective_scan(x64["u"], x64["delta"], x64["A"], x64["B"], x64["C"], backend="mamba_ssm")
-    monkeypatch.setattr(DiS, "SCAN_BACKEND", "torch")
+    monkeypatch.setattr(DiS, "SCAN_BACKEND", "lean")
     DiS.selective_scan(*args, **kw)
     assert len(calls) == 1                                            # the module switch
     monkeypatch.setattr(DiS, "mamba_selective_scan_fn", None)
@@ -219,13 +208,68 @@ def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
         DiS.selective_scan(*args, backend="cuda", **kw)
 
 
+def test_ref_backend_runs_the_model_on_section_1_alone(monkeypatch):
+    """SCAN_BACKEND = "ref": the model's scans are selective_scan_ref itself (nothing of section 5 runs), and
+    the model's output and gradients equal those with the lean scan."""
+    torch.manual_seed(0)
+    m = tiny_model(num_classes=10)
+    with torch.no_grad():
+        m.final_layer.linear.weight.normal_(std=0.1)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 2])
+    results = []
+    for backend in ("lean", "ref"):
+        monkeypatch.setattr(DiS, "SCAN_BACKEND", backend)
+        if backend == "ref":
+            def forbidden(*a, **k):
+                raise AssertionError("section 5 ran")
+            for name in ("selective_scan_lean", "mamba_kernel_usable", "triton_module", "fused_block"):
+                monkeypatch.setattr(DiS, name, forbidden)
+        torch.manual_seed(1)
+        m.zero_grad()
+        out = m(x, t, y)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
+    for a, b in zip(results[1][1], results[0][1]):   # float32 sums in another order: tiny absolute differences
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-5)
+
+
+def test_sections_1_to_4_need_only_the_two_hooks_of_section_5():
+    """A reader of DiS.py's first four sections never has to jump ahead: the only names of section 5 they
+    use are in selective_scan (the scan's entry point) and Block.forward's hook to the fused block."""
+    import ast
+    with open(os.path.join(HERE, "DiS.py")) as f:
+        source = f.read()
+    tree = ast.parse(source)
+    line_of_fast = next(k for k, line in enumerate(source.splitlines(), 1)
+                        if line.startswith("#") and "5. Making it fast" in line)   # the section's banner
+    fast_names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                  and node.lineno > line_of_fast}
+    fast_names |= {t.id for node in tree.body if isinstance(node, ast.Assign) and node.lineno > line_of_fast
+                   for t in node.targets if isinstance(t, ast.Name)}
+    assert {"selective_scan_lean", "fused_block", "mamba_kernel_usable"} <= fast_names
+    functions = {}   # "name" or "Class.method" -> node, for everything before section 5
+    for node in tree.body:
+        if node.lineno < line_of_fast and isinstance(node, ast.FunctionDef):
+            functions[node.name] = node
+        if node.lineno < line_of_fast and isinstance(node, ast.ClassDef):
+            functions.update({f"{node.name}.{f.name}": f for f in node.body if isinstance(f, ast.FunctionDef)})
+    seen = {}
+    for name, node in functions.items():
+        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & fast_names
+        if used:
+            seen[name] = used
+    assert seen == {"selective_scan": {"selective_scan_lean", "mamba_kernel_usable", "triton_module"},
+                    "Block.forward": {"fused_block"}}, seen
+
+
 @pytest.mark.skipif(DiS.mamba_selective_scan_fn is None or not torch.cuda.is_available(),
                     reason="needs mamba-ssm and CUDA")
 def test_mamba_ssm_kernel_equals_pytorch():
     x = {k: v.detach().float().cuda().requires_grad_() for k, v in scan_inputs(2, 64, 100, 16).items()}
     outs = [DiS.selective_scan(*(x[k] for k in ("u", "delta", "A", "B", "C")), D=x["D"], z=x["z"],
                                delta_bias=x["delta_bias"], delta_softplus=True, backend=backend)
-            for backend in ("mamba_ssm", "torch")]
+            for backend in ("mamba_ssm", "lean")]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)
     g = torch.randn_like(outs[0])
     for a, b in zip(*(torch.autograd.grad(o, list(x.values()), g) for o in outs)):
@@ -395,7 +439,7 @@ def test_triton_backend_in_a_compiled_mixer(st, monkeypatch):
     x = torch.randn(2, 11, 8, device=TRITON_DEVICE)
     g = torch.randn(2, 11, 8, device=TRITON_DEVICE)
     results = []
-    for backend, wrap in (("torch", lambda m: m), ("triton", lambda m: torch.compile(m, fullgraph=True,
+    for backend, wrap in (("lean", lambda m: m), ("triton", lambda m: torch.compile(m, fullgraph=True,
                                                                                      backend="aot_eager"))):
         monkeypatch.setattr(DiS, "SCAN_BACKEND", backend)
         torch._dynamo.reset()
@@ -520,9 +564,10 @@ def test_grad_checkpoint_gives_the_same_gradients():
 
 def test_flop_counter_matmul_part_matches_torch(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
+    import bench
     for num_classes in (0, 10):
         m = tiny_model(num_classes=num_classes)
-        counted = DiS.count_flops(m, batch=2)
+        counted = bench.count_flops(m, batch=2)
         monkeypatch.setattr(DiS, "selective_scan", lambda u, *a, **k: u)   # leave the scan out
         y = torch.zeros(2, dtype=torch.long) if num_classes else None
         with FlopCounterMode(display=False) as fc:
@@ -1005,6 +1050,11 @@ def test_bad_inputs_end_with_one_line(fmnist, fmnist_run, tmp_path):
         if args[0] == "train.py" and "--results-dir" not in args:
             args = args + ["--results-dir", str(tmp_path / "r")]
         expect_user_error(run_script(*args, ok=False), *patterns)
+    # a fast path that cannot run here (Triton's interpreter off, no mamba-ssm on a CPU)
+    for backend, pattern in (("fused", "needs a CUDA device"), ("mamba_ssm", "needs mamba-ssm")):
+        r = run_script("sample.py", "--ckpt", ckpt, "--scan-backend", backend, "--device", "cpu", ok=False,
+                       env={"TRITON_INTERPRET": "0"})
+        expect_user_error(r, f"--scan-backend {backend}", pattern)
 
 
 def train_in_process(*argv):

@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import DiS
-from dis_cli import (HelpFormatter, RunLog, UserError, add_device_flag, deferred_ctrl_c, flag, load_vae, load_weights,
-                     new_run_dir, pick_device, resume, rng_state, run, run_checkpoints, run_of, save_checkpoint,
-                     set_rng_state, to_images)
+from dis_cli import (HelpFormatter, RunLog, UserError, add_device_flag, add_scan_backend_flag, deferred_ctrl_c, flag,
+                     load_vae, load_weights, mixed_precision, model_from_config, new_run_dir, pick_device, resume,
+                     rng_state, run, run_checkpoints, run_of, save_checkpoint, set_rng_state, set_scan_backend,
+                     to_images)
 from dis_data import latents_meta, make_dataset
 
 
@@ -74,12 +75,13 @@ def build_parser():
     add("--seed", type=int, default=0, help="random seed (each process adds its rank)")
     add("--num-workers", type=int, default=4, help="data loading processes per training process")
     add_device_flag(p)
+    add_scan_backend_flag(p)
     return p
 
 
 # What a resumed run may change; every other setting comes from the checkpoint.
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "sample_every", "sample_steps",
-                     "sample_cfg_scale", "num_workers", "device", "resume", "results_dir", "data_path"}
+                     "sample_cfg_scale", "num_workers", "device", "scan_backend", "resume", "results_dir", "data_path"}
 
 
 def parse_args(argv=None):
@@ -144,7 +146,7 @@ def make_config(args, dataset, num_classes):
               "num_classes": num_classes if args.class_cond else 0, "learn_sigma": args.learn_sigma,
               "dataset": args.dataset, "latents": latents, "vae": latents_meta(args.data_path)["vae"] if latents else None}
     try:
-        return config, DiS.model_from_config(config)
+        return config, model_from_config(config)
     except ValueError as e:
         raise UserError(f"--image-size {args.image_size} gives a {config['input_size']}px model input: {e}")
 
@@ -155,7 +157,7 @@ def preview(ema, diffusion, config, args, path, device, vae):
     conditional models draw classes 0, 1, 2, ... in reading order, guided by --sample-cfg-scale."""
     g = torch.Generator(device).manual_seed(args.seed)
     y = torch.arange(16, device=device) % config["num_classes"] if config["num_classes"] else None
-    with DiS.mixed_precision(device):
+    with mixed_precision(device):
         x = diffusion.sample(ema, (16, config["in_channels"], config["input_size"], config["input_size"]), y=y,
                              steps=args.sample_steps, sampler="ddim", generator=g, device=device,
                              cfg_scale=args.sample_cfg_scale if y is not None else 1.0,
@@ -180,6 +182,7 @@ def setup(args, given):
     if args.resume:   # the run's own settings, except what a resumed run may change
         path, ckpt, args = resume(args, given, RESUME_MAY_CHANGE)
     r.args = args
+    set_scan_backend(args.scan_backend, r.device)
     args.image_size = args.image_size or (256 if args.dataset == "latents" else 32)
     if args.global_batch_size % r.world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {r.world} processes")
@@ -262,7 +265,7 @@ def train(r):
     with deferred_ctrl_c() as ctrl_c:
         while r.step < r.total and not stop:
             for x, y in batches(r):
-                with DiS.mixed_precision(r.device):
+                with mixed_precision(r.device):
                     loss = diffusion.training_loss(r.train_model, x, y)
                 shared = torch.stack([loss.detach().float(), torch.tensor(float(ctrl_c["hit"]), device=r.device)])
                 if r.distributed:   # the mean loss, and whether any process was interrupted
