@@ -888,16 +888,19 @@ def _autocast_dtype(x):
 
 def fused_block(block, hidden, residual):
     """Block.forward after its skip merge, as the fused kernels of scan_triton.py (SCAN_BACKEND "fused"):
-    the same math, parameters and state_dict, and the same (mixer output, residual stream) result."""
+    the same math and parameters, and the same (mixer output, residual stream) result."""
     st = triton_module("fused")
-    if not st.triton_scan_usable(hidden):
+    if not torch.compiler.is_compiling() and not st.triton_scan_usable(hidden):
         raise RuntimeError(f"scan backend 'fused' cannot run on {hidden.device.type} tensors: its Triton kernels "
                            f"need CUDA (or TRITON_INTERPRET=1 set before torch is imported, for tests); "
                            f"set DiS.SCAN_BACKEND = 'auto'")
-    keep = None
-    if residual is not None and block.drop_prob > 0 and block.training:   # drop-path, one factor per sample
-        keep = hidden.new_empty(hidden.shape[0], dtype=torch.float32).bernoulli_(1 - block.drop_prob)
-        keep = keep / (1 - block.drop_prob)
-    normed, residual = st.add_rms_norm_triton(hidden, residual, block.norm.weight, block.norm.eps, scale=keep,
-                                              out_dtype=_autocast_dtype(hidden))           # (b, l, d) each
-    return st.bimamba_fused(block.mixer, normed), residual
+    scale = None   # drop-path: drop_path's own random draws, as one factor per sample
+    if residual is not None and block.drop_prob > 0 and block.training:
+        keep = hidden.new_empty((hidden.shape[0],) + (1,) * (hidden.ndim - 1)).bernoulli_(1 - block.drop_prob)
+        scale = keep.flatten().float() / (1 - block.drop_prob)                         # (b,)
+    normed, residual = st.add_rms_norm_triton(hidden, residual, block.norm.weight, block.norm.eps, scale=scale,
+                                              out_dtype=_autocast_dtype(hidden))      # (b, l, d) each
+    mixer = block.mixer
+    params = [(ssm.conv1d.weight, ssm.conv1d.bias, ssm.x_proj.weight, ssm.dt_proj.weight, ssm.dt_proj.bias,
+               ssm.A_log, ssm.D) for ssm in (mixer.forward_ssm, mixer.backward_ssm)]
+    return st.bimamba_inner_fn(normed, mixer.in_proj.weight, mixer.out_proj.weight, *params), residual  # (b, l, d)

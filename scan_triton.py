@@ -1,6 +1,8 @@
 """
 The selective scan as Triton kernels: a drop-in for DiS.selective_scan on CUDA (and, slowly, on CPU
-through Triton's interpreter), with the same arguments, layouts and results for real A.
+through Triton's interpreter), with the same arguments, layouts and results for real A; and a token-major
+entry point that can also run the sequence backwards and add its result to another tensor, which is what
+the second direction of a bidirectional mixer needs.
 
 It follows mamba-ssm's CUDA kernels (csrc/selective_scan/selective_scan_fwd_kernel.cuh and
 selective_scan_bwd_kernel.cuh): walk the sequence in chunks, keep the state on chip, save one state per
@@ -10,29 +12,48 @@ parallel, one state index at a time; here one program owns a (BLOCK_D, n) tile o
 through the tokens one at a time, which needs no scan primitive (tl.associative_scan is avoided: its
 reverse mode is broken on GPUs, Triton issue 4362).
 
-Layouts (mamba-ssm's selective_scan_fn):
-    u, delta, z: (b, d, l)   A: (d, n)   B, C: (b, n, l)   D, delta_bias: (d,)
-Inputs may be float32, bfloat16 or float16; everything is computed in float32, the output has u's dtype.
+Layouts. The kernels address every activation through its three strides, (batch, token, channel) for
+u, delta, z, add, out and their gradients and (batch, token, state) for B, C, so one kernel serves
+    token-major    u, delta, z, add: (b, l, d)   B, C: (b, l, n)    selective_scan_triton_tm
+    mamba-ssm's    u, delta, z:      (b, d, l)   B, C: (b, n, l)    selective_scan_triton
+    both           A: (d, n)   D, delta_bias: (d,)
+and any strided view without a copy: u and z as the halves of one (b, l, 2d) projection, B and C as column
+slices of one (b, l, dt_rank + 2n) tensor, the zero strides of an expanded gradient (from out.sum()).
+Token-major with unit channel stride is the fast case: the BLOCK_D channels a program reads for one token
+are contiguous in memory. The (b, d, l) entry point runs the same kernels on transposed views and returns
+a (b, d, l) view of a contiguous (b, l, d) result (not contiguous itself; its transpose is).
+Inputs may be float32, bfloat16 or float16, mixed; everything is computed in float32, the output has u's
+dtype and each gradient its input's dtype.
 
-Algorithm, per program = (one batch row b, a block of BLOCK_D channels), state h: (BLOCK_D, n) in registers:
-    forward   for each chunk of CHUNK tokens: save h (the state the chunk starts from), then for each token
+Algorithm, per program = (one batch row b, a block of BLOCK_D channels), state h: (BLOCK_D, n) in registers.
+Step s = 0 .. l-1 handles token t = s, or t = l-1-s when reverse (the scan of the flipped sequence, written
+at the original positions: flip(scan(flip(inputs))) along l); chunks are chunks of CHUNK steps.
+    forward   for each chunk: save h (the state the chunk starts from), then for each step's token t
                   dt = softplus(delta + delta_bias),  h = exp(dt A) h + dt u B,  y = <h, C> + D u,
-                  out = y silu(z)
+                  out = add + y silu(z)            (add, z, D, delta_bias optional; softplus if asked)
               so the only saved tensor besides the inputs is starts: (b, l / CHUNK, d, n), float32.
     backward  for each chunk, last first: rerun the chunk from its saved start state, writing its CHUNK
               states to a small per-program workspace (b, d / BLOCK_D, CHUNK, BLOCK_D, n), then walk the
-              chunk's tokens backwards with the adjoint recurrence (below).
+              chunk's steps backwards with the adjoint recurrence (below). add's gradient is g_out itself
+              and needs no kernel.
 
 Public API:
     selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=32)
+        (b, d, l) layout, DiS.selective_scan's signature
+    selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             reverse=False, add=None, chunk=32)
+        (b, l, d) layout; returns a new contiguous (b, l, d) tensor
     triton_scan_usable(u)   True where the kernels can run on u's device
     INTERPRETED             True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)
 and two custom ops, so that torch.compile(fullgraph=True) traces through without a graph break:
-    torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
-        -> (out, starts)
+    torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
+        reverse=False, add=None, token_major=False) -> (out, starts)
     torch.ops.dis_scan.selective_scan_bwd(g_out, u, delta, A, B, C, D, z, delta_bias, starts, delta_softplus,
-        chunk) -> (g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_delta_bias); the gradients of absent optional
-        inputs come back as empty tensors of shape (0,).
+        chunk, reverse=False, token_major=False) -> (g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_delta_bias)
+    token_major picks the layout of the activations (False, the ops' original convention: mamba-ssm's
+    (b, d, l)); outputs and gradients
+    of activations are new (b, l, d) / (b, l, n) tensors, returned as (b, d, l) / (b, n, l) transposed views
+    when token_major is False. The gradients of absent optional inputs come back as empty tensors of shape (0,).
 
 Triton runs on the CPU only through its interpreter: set TRITON_INTERPRET=1 before triton is first
 imported (by anything: importing torch._dynamo does it) and leave it set; triton.jit reads it when the
@@ -42,15 +63,21 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["selective_scan_triton", "triton_scan_usable", "INTERPRETED", "CHUNK", "BLOCK_D"]
+__all__ = ["selective_scan_triton", "selective_scan_triton_tm", "causal_conv1d_triton", "add_rms_norm_triton",
+           "bimamba_inner_fn", "triton_scan_usable", "INTERPRETED", "CHUNK", "BLOCK_D"]
 
-CHUNK = 32      # tokens per chunk: one saved state each, and the backward workspace holds one chunk
+CHUNK = 32      # steps per chunk: one saved state each, and the backward workspace holds one chunk
 BLOCK_D = 32    # channels per program; a (BLOCK_D, n) float32 state tile stays in registers
 NUM_WARPS = 4
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CONV_BLOCK_L = 32   # tokens per program (fewer for short sequences)
+CONV_BLOCK_D = 64   # channels per program (fewer for narrow d): 128 bytes of a bf16 row, one cache line
+NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # hidden's and normed's dtypes
+NORM_MAX_D = 1 << 16    # a whole row stays on chip as one BLOCK_D tile (Triton caps a tile at 2**20 items)
 
 
 def _interpret_flag():
@@ -84,8 +111,9 @@ def triton_scan_usable(u):
 #                                   Kernels                                     #
 #################################################################################
 # Both kernels: grid (b, cdiv(d, BLOCK_D)). Channels past d and state indices past n are masked; their
-# A, B, C, u load as 0, so their state stays 0 and they add nothing to any sum. The tokens of a chunk run
-# in a loop whose bounds stop at l, so a ragged last chunk needs no token mask.
+# A, B, C, u load as 0, so their state stays 0 and they add nothing to any sum. The steps of a chunk run
+# in a loop whose bounds stop at l, so a ragged last chunk needs no token mask. Every offset that grows with
+# b, l or d is int64: b * l * d can pass 2**31.
 
 @triton.jit
 def _softplus(x):
@@ -94,10 +122,28 @@ def _softplus(x):
 
 
 @triton.jit
+def _token(s, seqlen, REVERSE: tl.constexpr):
+    """The token that step s handles, as int64 (it multiplies a token stride)."""
+    t = s
+    if REVERSE:
+        t = seqlen - 1 - s
+    return t.to(tl.int64)
+
+
+@triton.jit
+def _at_token0(ptr, pid_b, stride_b, r, stride_r):
+    """Pointers to token 0 of batch row pid_b at indices r (channels or state indices) of a strided tensor."""
+    return ptr + pid_b * stride_b + r.to(tl.int64) * stride_r
+
+
+@triton.jit
 def _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A (BLOCK_D, BLOCK_N), D and delta_bias (BLOCK_D,) of this program's channels, in float32 (0 if absent)."""
+                         HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BLOCK_D, BLOCK_N), D and delta_bias (BLOCK_D,) of this program's channels, in float32 (0 if absent).
+    A_IS_LOG: the tensor holds Mamba's parameter A_log, and A = -exp(A_log) (no separate kernels for it)."""
     A = tl.load(A_ptr + rd[:, None] * dstate + rn[None, :], mask=mdn, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = tl.where(mdn, -tl.exp(A), 0.0)
     Dv = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + rd, mask=md, other=0.0).to(tl.float32)
@@ -108,59 +154,73 @@ def _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D:
 
 
 @triton.jit
-def _token_inputs(u_ptr, delta_ptr, B_ptr, row, col, t, bias, md, mn, SOFTPLUS: tl.constexpr):
+def _token_inputs(u0, su_l, dt0, sdt_l, B0, sB_l, t, bias, md, mn, SOFTPLUS: tl.constexpr):
     """Token t's u and dt = softplus(delta + delta_bias), (BLOCK_D,), and B_t, (BLOCK_N,), in float32."""
-    u = tl.load(u_ptr + row + t, mask=md, other=0.0).to(tl.float32)
-    dt = tl.load(delta_ptr + row + t, mask=md, other=0.0).to(tl.float32) + bias
+    u = tl.load(u0 + t * su_l, mask=md, other=0.0).to(tl.float32)
+    dt = tl.load(dt0 + t * sdt_l, mask=md, other=0.0).to(tl.float32) + bias
     if SOFTPLUS:
         dt = _softplus(dt)
-    Bt = tl.load(B_ptr + col + t, mask=mn, other=0.0).to(tl.float32)
+    Bt = tl.load(B0 + t * sB_l, mask=mn, other=0.0).to(tl.float32)
     return u, dt, Bt
 
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,     # inputs (absent ones: any pointer)
-    out_ptr, starts_ptr,                                              # outputs
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_ptr,   # inputs (absent ones: any pointer)
+    out_ptr, starts_ptr,                                                      # outputs
     dim, dstate, seqlen, n_chunks,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    su_b, su_l, su_d, sdt_b, sdt_l, sdt_d, sz_b, sz_l, sz_d,                  # (batch, token, channel) strides
+    sadd_b, sadd_l, sadd_d, so_b, so_l, so_d,
+    sB_b, sB_l, sB_n, sC_b, sC_l, sC_n,                                       # (batch, token, state) strides
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, A_IS_LOG: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)      # int64 offsets: b * d * l can pass 2**31
+    pid_b = tl.program_id(0).to(tl.int64)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)               # channels   (BLOCK_D,)
     rn = tl.arange(0, BLOCK_N)                                            # state idx  (BLOCK_N,)
     md, mn = rd < dim, rn < dstate
     mdn = md[:, None] & mn[None, :]
 
-    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, BLOCK_D)
+    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
+                                       BLOCK_D)
 
-    row = pid_b * dim * seqlen + rd * seqlen          # offset of (b, d, 0) in u, delta, z, out
-    col = pid_b * dstate * seqlen + rn * seqlen       # offset of (b, n, 0) in B, C
+    u0 = _at_token0(u_ptr, pid_b, su_b, rd, su_d)
+    dt0 = _at_token0(delta_ptr, pid_b, sdt_b, rd, sdt_d)
+    z0 = _at_token0(z_ptr, pid_b, sz_b, rd, sz_d)
+    add0 = _at_token0(add_ptr, pid_b, sadd_b, rd, sadd_d)
+    out0 = _at_token0(out_ptr, pid_b, so_b, rd, so_d)
+    B0 = _at_token0(B_ptr, pid_b, sB_b, rn, sB_n)
+    C0 = _at_token0(C_ptr, pid_b, sC_b, rn, sC_n)
     st = starts_ptr + pid_b * n_chunks * dim * dstate + rd[:, None] * dstate + rn[None, :]
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for c in range(n_chunks):
         tl.store(st + c * dim * dstate, h, mask=mdn)   # the state this chunk starts from
-        t0 = c * CHUNK
-        t1 = tl.minimum(t0 + CHUNK, seqlen)
-        for t in range(t0, t1):
-            u, dt, Bt = _token_inputs(u_ptr, delta_ptr, B_ptr, row, col, t, bias, md, mn, SOFTPLUS)
-            Ct = tl.load(C_ptr + col + t, mask=mn, other=0.0).to(tl.float32)
+        s0 = c * CHUNK
+        for s in range(s0, tl.minimum(s0 + CHUNK, seqlen)):
+            t = _token(s, seqlen, REVERSE)
+            u, dt, Bt = _token_inputs(u0, su_l, dt0, sdt_l, B0, sB_l, t, bias, md, mn, SOFTPLUS)
+            Ct = tl.load(C0 + t * sC_l, mask=mn, other=0.0).to(tl.float32)
             h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
             y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
             if HAS_Z:
-                zt = tl.load(z_ptr + row + t, mask=md, other=0.0).to(tl.float32)
+                zt = tl.load(z0 + t * sz_l, mask=md, other=0.0).to(tl.float32)
                 y = y * zt / (1.0 + tl.exp(-zt))
-            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=md)
+            if HAS_ADD:   # summed in float32: a bf16 output is rounded once, not twice
+                y += tl.load(add0 + t * sadd_l, mask=md, other=0.0).to(tl.float32)
+            tl.store(out0 + t * so_l, y.to(out_ptr.dtype.element_ty), mask=md)
 
 
 # Gradients. With pre_t = delta_t + delta_bias, dt_t = softplus(pre_t), the forward is
-#     h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,   y_t = <h_t, C_t> + D u_t,   out_t = y_t silu(z_t),
-# and the backward, token by token from the last, computes (kernel variable in brackets):
+#     h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,   y_t = <h_t, C_t> + D u_t,   out_t = add_t + y_t silu(z_t),
+# where t counts steps: t-1 is the token handled one step earlier (the next token in the sequence when
+# reverse). The backward, step by step from the last, computes (kernel variable in brackets):
+#   g_add_t = g_out_t                                                 (in autograd, not in the kernel)
 #   g_y_t  = g_out_t silu(z_t)                                                       [g_y]
 #   g_z_t  = g_out_t y_t silu'(z_t),  silu'(z) = sig(z) (1 + z (1 - sig(z)))         [g_z, stored]
 #   g_h_t  = g_y_t C_t + exp(dt_{t+1} A) g_h_{t+1}     (the adjoint recurrence)       [g_h]
-#            the second term is carried from token t+1, across chunk borders too      [g_next]
+#            the second term is carried from step t+1, across chunk borders too       [g_next]
 #   g_D    = sum_{b,t} g_y_t u_t                                                      [gD_acc, atomic]
 #   g_C_t  = sum_d g_y_t h_t                                                          [gC_t, atomic]
 #   g_B_t  = sum_d g_h_t dt_t u_t                                                     [gB_t, atomic]
@@ -179,11 +239,15 @@ def _scan_fwd_kernel(
 def _scan_bwd_kernel(
     gout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr,   # inputs
     ws_ptr,                                                           # workspace: one chunk of states
-    gu_ptr, gdelta_ptr, gz_ptr,                                       # (b, d, l), written once each
+    gu_ptr, gdelta_ptr, gz_ptr,                                       # written once each
     gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr,                        # float32, zeroed, atomic adds
     dim, dstate, seqlen, n_chunks,
+    sg_b, sg_l, sg_d, su_b, su_l, su_d, sdt_b, sdt_l, sdt_d, sz_b, sz_l, sz_d,   # (batch, token, channel)
+    sgu_b, sgu_l, sgu_d, sgdt_b, sgdt_l, sgdt_d, sgz_b, sgz_l, sgz_d,
+    sB_b, sB_l, sB_n, sC_b, sC_l, sC_n, sgB_b, sgB_l, sgB_n, sgC_b, sgC_l, sgC_n,  # (batch, token, state)
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    REVERSE: tl.constexpr, A_IS_LOG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -192,10 +256,20 @@ def _scan_bwd_kernel(
     md, mn = rd < dim, rn < dstate
     mdn = md[:, None] & mn[None, :]
 
-    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, BLOCK_D)
+    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
+                                       BLOCK_D)
 
-    row = pid_b * dim * seqlen + rd * seqlen
-    col = pid_b * dstate * seqlen + rn * seqlen
+    g0 = _at_token0(gout_ptr, pid_b, sg_b, rd, sg_d)
+    u0 = _at_token0(u_ptr, pid_b, su_b, rd, su_d)
+    dt0 = _at_token0(delta_ptr, pid_b, sdt_b, rd, sdt_d)
+    z0 = _at_token0(z_ptr, pid_b, sz_b, rd, sz_d)
+    gu0 = _at_token0(gu_ptr, pid_b, sgu_b, rd, sgu_d)
+    gdt0 = _at_token0(gdelta_ptr, pid_b, sgdt_b, rd, sgdt_d)
+    gz0 = _at_token0(gz_ptr, pid_b, sgz_b, rd, sgz_d)
+    B0 = _at_token0(B_ptr, pid_b, sB_b, rn, sB_n)
+    C0 = _at_token0(C_ptr, pid_b, sC_b, rn, sC_n)
+    gB0 = _at_token0(gB_ptr, pid_b, sgB_b, rn, sgB_n)
+    gC0 = _at_token0(gC_ptr, pid_b, sgC_b, rn, sgC_n)
     st = starts_ptr + pid_b * n_chunks * dim * dstate + rd[:, None] * dstate + rn[None, :]
     # this program's private workspace, padded to whole tiles so that it needs no mask
     ws = (ws_ptr + (pid_b * tl.num_programs(1) + pid_d) * (CHUNK * BLOCK_D * BLOCK_N)
@@ -207,34 +281,36 @@ def _scan_bwd_kernel(
     gbias_acc = tl.zeros((BLOCK_D,), tl.float32)
     for cc in range(n_chunks):
         c = n_chunks - 1 - cc
-        t0 = c * CHUNK
-        t1 = tl.minimum(t0 + CHUNK, seqlen)
+        s0 = c * CHUNK
+        s1 = tl.minimum(s0 + CHUNK, seqlen)
         # 1. rerun the chunk from its saved start state, keeping its states in the workspace
         h = tl.load(st + c * dim * dstate, mask=mdn, other=0.0)
         tl.debug_barrier()   # every thread has read the previous chunk's workspace before it is overwritten
-        for t in range(t0, t1):
-            u, dt, Bt = _token_inputs(u_ptr, delta_ptr, B_ptr, row, col, t, bias, md, mn, SOFTPLUS)
+        for s in range(s0, s1):
+            t = _token(s, seqlen, REVERSE)
+            u, dt, Bt = _token_inputs(u0, su_l, dt0, sdt_l, B0, sB_l, t, bias, md, mn, SOFTPLUS)
             h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            tl.store(ws + (t - t0) * (BLOCK_D * BLOCK_N), h)
+            tl.store(ws + (s - s0) * (BLOCK_D * BLOCK_N), h)
         tl.debug_barrier()   # the states are written before any thread reads them back
-        # 2. walk the chunk backwards: the adjoint recurrence and the local gradients (comment above)
-        for i in range(t1 - t0):
-            t = t1 - 1 - i
-            h = tl.load(ws + (t - t0) * (BLOCK_D * BLOCK_N))                     # h_t
-            u = tl.load(u_ptr + row + t, mask=md, other=0.0).to(tl.float32)
-            pre = tl.load(delta_ptr + row + t, mask=md, other=0.0).to(tl.float32) + bias
+        # 2. walk the chunk's steps backwards: the adjoint recurrence and the local gradients (comment above)
+        for i in range(s1 - s0):
+            s = s1 - 1 - i
+            t = _token(s, seqlen, REVERSE)
+            h = tl.load(ws + (s - s0) * (BLOCK_D * BLOCK_N))                     # h_t
+            u = tl.load(u0 + t * su_l, mask=md, other=0.0).to(tl.float32)
+            pre = tl.load(dt0 + t * sdt_l, mask=md, other=0.0).to(tl.float32) + bias
             dt = pre
             if SOFTPLUS:
                 dt = _softplus(pre)
-            Bt = tl.load(B_ptr + col + t, mask=mn, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + col + t, mask=mn, other=0.0).to(tl.float32)
-            g_y = tl.load(gout_ptr + row + t, mask=md, other=0.0).to(tl.float32)
+            Bt = tl.load(B0 + t * sB_l, mask=mn, other=0.0).to(tl.float32)
+            Ct = tl.load(C0 + t * sC_l, mask=mn, other=0.0).to(tl.float32)
+            g_y = tl.load(g0 + t * sg_l, mask=md, other=0.0).to(tl.float32)
             if HAS_Z:
-                zt = tl.load(z_ptr + row + t, mask=md, other=0.0).to(tl.float32)
+                zt = tl.load(z0 + t * sz_l, mask=md, other=0.0).to(tl.float32)
                 sig = 1.0 / (1.0 + tl.exp(-zt))
                 y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
                 g_z = g_y * y * sig * (1.0 + zt * (1.0 - sig))
-                tl.store(gz_ptr + row + t, g_z.to(gz_ptr.dtype.element_ty), mask=md)
+                tl.store(gz0 + t * sgz_l, g_z.to(gz_ptr.dtype.element_ty), mask=md)
                 g_y = g_y * zt * sig
             gD_acc += g_y * u
             g_h = g_y[:, None] * Ct[None, :] + g_next
@@ -249,12 +325,14 @@ def _scan_bwd_kernel(
                 g_pre = g_pre / (1.0 + tl.exp(-pre))
             g_pre = tl.where(md, g_pre, 0.0)
             gbias_acc += g_pre
-            tl.store(gu_ptr + row + t, g_u.to(gu_ptr.dtype.element_ty), mask=md)
-            tl.store(gdelta_ptr + row + t, g_pre.to(gdelta_ptr.dtype.element_ty), mask=md)
+            tl.store(gu0 + t * sgu_l, g_u.to(gu_ptr.dtype.element_ty), mask=md)
+            tl.store(gdt0 + t * sgdt_l, g_pre.to(gdelta_ptr.dtype.element_ty), mask=md)
             gB_t = tl.sum(g_h * dtu[:, None], axis=0)
             gC_t = tl.sum(h * g_y[:, None], axis=0)
-            tl.atomic_add(gB_ptr + col + t, gB_t, mask=mn, sem="relaxed")
-            tl.atomic_add(gC_ptr + col + t, gC_t, mask=mn, sem="relaxed")
+            tl.atomic_add(gB0 + t * sgB_l, gB_t, mask=mn, sem="relaxed")
+            tl.atomic_add(gC0 + t * sgC_l, gC_t, mask=mn, sem="relaxed")
+    if A_IS_LOG:   # dA / dA_log = -exp(A_log) = A
+        gA_acc = gA_acc * A
     tl.atomic_add(gA_ptr + rd[:, None] * dstate + rn[None, :], gA_acc, mask=mdn, sem="relaxed")
     if HAS_D:
         tl.atomic_add(gD_ptr + rd, gD_acc, mask=md, sem="relaxed")
@@ -265,10 +343,184 @@ def _scan_bwd_kernel(
 #################################################################################
 #                          Launchers and custom ops                             #
 #################################################################################
+# The ops work on token-major views: with token_major=False (mamba-ssm's layout) they swap the last two
+# dims of every activation on the way in, and of every new activation-shaped tensor on the way out.
 
 def _blocks(d, n):
     """BLOCK_D (smaller for narrow d, so tiny tests do less padded work) and BLOCK_N (n padded to 2^k)."""
     return min(BLOCK_D, triton.next_power_of_2(d)), triton.next_power_of_2(max(n, 1))
+
+
+def _tm(x, token_major):
+    """x as a token-major view: a (b, d, l) or (b, n, l) tensor with its last two dims swapped (no copy)."""
+    return x if token_major or x is None else x.transpose(1, 2)
+
+
+def _strides(*xs):
+    """The kernels' stride arguments, three per tensor (zeros for an absent one: the kernel never reads it)."""
+    return [s for x in xs for s in (x.stride() if x is not None else (0, 0, 0))]
+
+
+def _new(x, like):
+    """A new contiguous tensor shaped like `like` in x's dtype, or None for x None. New contiguous tensors make
+    the fake ops agree with the real ones on strides."""
+    return None if x is None else torch.empty(like.shape, dtype=x.dtype, device=like.device)
+
+
+def _fwd_outputs(u, A, chunk):
+    """out: (b, l, d) in u's dtype and starts: (b, n_chunks, d, n) float32, for a token-major u."""
+    b, l, d = u.shape
+    n_chunks = (l + chunk - 1) // chunk
+    return _new(u, u), u.new_empty(b, n_chunks, d, A.shape[1], dtype=torch.float32)
+
+
+def _bwd_result(token_major, u, g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias):
+    """The bwd op's outputs: activation gradients back in the caller's layout, absent ones as shape (0,)."""
+    grads = (_tm(g_u, token_major), _tm(g_delta, token_major), g_A, _tm(g_B, token_major),
+             _tm(g_C, token_major), g_D, _tm(g_z, token_major), g_bias)
+    return tuple(g if g is not None else u.new_empty(0) for g in grads)
+
+
+@torch.library.custom_op("dis_scan::selective_scan_fwd", mutates_args=())
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+              delta_softplus: bool, chunk: int, reverse: bool = False, add: Optional[torch.Tensor] = None,
+              token_major: bool = False, A_is_log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    u, delta, B, C, z, add = (_tm(x, token_major) for x in (u, delta, B, C, z, add))
+    A, D, delta_bias = (x.contiguous() if x is not None else None for x in (A, D, delta_bias))
+    b, l, d = u.shape
+    n = A.shape[1]
+    out, starts = _fwd_outputs(u, A, chunk)
+    if out.numel() > 0:
+        block_d, block_n = _blocks(d, n)
+        _scan_fwd_kernel[(b, triton.cdiv(d, block_d))](
+            u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias, add)), out, starts,
+            d, n, l, starts.shape[1], *_strides(u, delta, z, add, out, B, C),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
+            SOFTPLUS=delta_softplus, REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, BLOCK_D=block_d,
+            BLOCK_N=block_n, num_warps=NUM_WARPS)
+    return _tm(out, token_major), starts
+
+
+@_scan_fwd.register_fake
+def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reverse=False, add=None,
+                   token_major=False, A_is_log=False):
+    out, starts = _fwd_outputs(_tm(u, token_major), A, chunk)
+    return _tm(out, token_major), starts
+
+
+@torch.library.custom_op("dis_scan::selective_scan_bwd", mutates_args=())
+def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+              delta_bias: Optional[torch.Tensor], starts: torch.Tensor, delta_softplus: bool, chunk: int,
+              reverse: bool = False, token_major: bool = False, A_is_log: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor, torch.Tensor]:
+    g_out, u, delta, B, C, z = (_tm(x, token_major) for x in (g_out, u, delta, B, C, z))
+    A, D, delta_bias, starts = (x.contiguous() if x is not None else None for x in (A, D, delta_bias, starts))
+    b, l, d = u.shape
+    n = A.shape[1]
+    f32 = dict(dtype=torch.float32, device=u.device)
+    g_u, g_delta, g_z = _new(u, u), _new(delta, u), _new(z, u)
+    g_A, g_B, g_C = torch.zeros(d, n, **f32), torch.zeros(b, l, n, **f32), torch.zeros(b, l, n, **f32)
+    g_D, g_bias = torch.zeros(d, **f32), torch.zeros(d, **f32)
+    if u.numel() > 0:
+        block_d, block_n = _blocks(d, n)
+        grid = (b, triton.cdiv(d, block_d))
+        ws = torch.empty(b * grid[1] * chunk * block_d * block_n, **f32)
+        _scan_bwd_kernel[grid](
+            g_out, u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias)), starts, ws,
+            g_u, g_delta, g_z if z is not None else g_u, g_A, g_B, g_C, g_D, g_bias,
+            d, n, l, starts.shape[1], *_strides(g_out, u, delta, z, g_u, g_delta, g_z, B, C, g_B, g_C),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
+            num_warps=NUM_WARPS)
+    cast = lambda g, x: g.to(x.dtype) if x is not None else None
+    return _bwd_result(token_major, u, g_u, g_delta, g_A.to(A.dtype), g_B.to(B.dtype), g_C.to(C.dtype),
+                       cast(g_D, D), g_z, cast(g_bias, delta_bias))
+
+
+@_scan_bwd.register_fake
+def _scan_bwd_fake(g_out, u, delta, A, B, C, D, z, delta_bias, starts, delta_softplus, chunk, reverse=False,
+                   token_major=False, A_is_log=False):
+    u, B = _tm(u, token_major), _tm(B, token_major)
+    return _bwd_result(token_major, u, _new(u, u), _new(delta, u), _new(A, A), _new(B, B), _new(C, B),
+                       _new(D, D), _new(z, u), _new(delta_bias, delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reverse, add, token_major, A_is_log = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])   # add is not needed
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)   # no zero gradient of starts' size; g_out is None when out is unused
+    ctx.flags = (delta_softplus, chunk, reverse, token_major, A_is_log)
+    ctx.add_dtype = add.dtype if add is not None else None
+
+
+def _backward(ctx, g_out, _g_starts):
+    grads = [None] * 14
+    if g_out is None:
+        return tuple(grads)
+    if any(ctx.needs_input_grad[:8]):
+        saved = ctx.saved_tensors
+        g = torch.ops.dis_scan.selective_scan_bwd(g_out, *saved, *ctx.flags)
+        grads[:8] = [gi if x is not None else None for gi, x in zip(g, saved[:8])]
+    if ctx.add_dtype is not None:
+        grads[11] = g_out.to(ctx.add_dtype)   # out = add + ...: g_out itself when the dtypes agree
+    return tuple(grads)
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(name, u, delta, A, B, C, D, z, delta_bias, add, chunk, token_major):
+    layout = "(b, l, d)" if token_major else "(b, d, l)"
+    if u.ndim != 3 or A.ndim != 2:
+        raise ValueError(f"{name}: u must be {layout} and A (d, n), got {tuple(u.shape)} and {tuple(A.shape)}")
+    b, l, d = _tm(u, token_major).shape
+    n = A.shape[1]
+    act, bc = ((b, l, d), (b, l, n)) if token_major else ((b, d, l), (b, n, l))
+    expected = {"u": (u, act), "delta": (delta, act), "A": (A, (d, n)), "B": (B, bc), "C": (C, bc),
+                "D": (D, (d,)), "z": (z, act), "delta_bias": (delta_bias, (d,)), "add": (add, act)}
+    for what, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {what} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {what} has shape {tuple(t.shape)}, expected {shape}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: {what} is {t.dtype}; supported: float32, bfloat16, float16 "
+                            f"(complex A is not supported)")
+        if t.device != u.device:
+            raise ValueError(f"{name}: {what} is on {t.device}, u on {u.device}")
+    if chunk < 1:
+        raise ValueError(f"{name}: chunk must be >= 1, got {chunk}")
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          chunk=CHUNK):
+    """The selective scan with DiS.selective_scan's (and mamba-ssm's selective_scan_fn's) signature and
+    (b, d, l) layout, run by the Triton kernels above; differentiable in every tensor argument. Returns a
+    (b, d, l) view of a new contiguous (b, l, d) tensor.
+    chunk: tokens per saved state (memory b * d * n * l / chunk floats) and per backward rerun."""
+    _check("selective_scan_triton", u, delta, A, B, C, D, z, delta_bias, None, chunk, token_major=False)
+    out, _ = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                                   bool(delta_softplus), int(chunk))
+    return out
+
+
+def selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             reverse=False, add=None, A_is_log=False, chunk=CHUNK):
+    """The selective scan on token-major tensors, any strides: u, delta, z, add: (b, l, d), B, C: (b, l, n),
+    A: (d, n), D, delta_bias: (d,). reverse scans from the last token to the first (flip, scan, flip back);
+    add, if given, is added to the result inside the kernel; A_is_log: A holds Mamba's A_log, and the kernels
+    use A = -exp(A_log) (its gradient is A_log's). Returns a new contiguous (b, l, d) tensor in u's dtype;
+    differentiable in every tensor argument."""
+    _check("selective_scan_triton_tm", u, delta, A, B, C, D, z, delta_bias, add, chunk, token_major=True)
+    out, _ = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                                   int(chunk), bool(reverse), add, True, bool(A_is_log))
+    return out
 
 
 def _empty(x):
@@ -280,123 +532,474 @@ def _none_grad(u):
     return u.new_empty(0)
 
 
-@torch.library.custom_op("dis_scan::selective_scan_fwd", mutates_args=())
-def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-              delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    u, delta, A, B, C = (x.contiguous() for x in (u, delta, A, B, C))
-    D, z, delta_bias = (x.contiguous() if x is not None else None for x in (D, z, delta_bias))
-    b, d, l = u.shape
-    n = A.shape[1]
-    n_chunks = triton.cdiv(l, chunk)
-    out = _empty(u)
-    starts = u.new_empty(b, n_chunks, d, n, dtype=torch.float32)
+#################################################################################
+#                                 Conv kernels                                  #
+#################################################################################
+# Both kernels: grid (cdiv(l, BLOCK_L), b, cdiv(d, BLOCK_C)) (the token blocks on axis 0, which has no
+# 65535 limit); a program owns a (BLOCK_L, BLOCK_C) tile of (token, channel) outputs. Tap k of token t
+# reads token t + DIR (W-1-k), DIR = -1 causal, +1 reverse: the W-1 halo tokens come from the neighbouring
+# tiles' rows (loaded again by each program, mostly from cache). Tokens outside [0, l) and channels past d
+# load as 0. Offsets are int64: b * l * d (and a strided view's l * stride) can pass 2**31.
+
+@triton.jit
+def _conv_load(ptr, row, pos, col, mc, seqlen, stride_l):
+    """The (BLOCK_L, BLOCK_C) tile at tokens pos (int64) and channel offsets col, in float32; 0 outside."""
+    mt = (pos >= 0) & (pos < seqlen)
+    return tl.load(ptr + row + pos[:, None] * stride_l + col[None, :], mask=mt[:, None] & mc[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_pre(x_ptr, w_ptr, x_row, pos, x_col, w_col, mc, bias, seqlen, sx_l, sw_k,
+              W: tl.constexpr, DIR: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """pre at tokens pos: bias + sum_k weight[:, k] x_{pos + DIR (W-1-k)}, float32 (BLOCK_L, BLOCK_C)."""
+    pre = tl.zeros((BLOCK_L, BLOCK_C), tl.float32) + bias[None, :]
+    for k in tl.static_range(W):
+        wk = tl.load(w_ptr + w_col + k * sw_k, mask=mc, other=0.0).to(tl.float32)
+        pre += wk[None, :] * _conv_load(x_ptr, x_row, pos + DIR * (W - 1 - k), x_col, mc, seqlen, sx_l)
+    return pre
+
+
+@triton.jit
+def _conv_g_pre(g_ptr, x_ptr, w_ptr, g_row, x_row, pos, g_col, x_col, w_col, mc, bias, seqlen, sg_l, sx_l,
+                sw_k, W: tl.constexpr, DIR: tl.constexpr, ACT: tl.constexpr,
+                BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """g_pre at tokens pos: g_out silu'(pre), with pre recomputed from x; 0 outside [0, l)."""
+    g = _conv_load(g_ptr, g_row, pos, g_col, mc, seqlen, sg_l)
+    if ACT:
+        pre = _conv_pre(x_ptr, w_ptr, x_row, pos, x_col, w_col, mc, bias, seqlen, sx_l, sw_k,
+                        W, DIR, BLOCK_L, BLOCK_C)
+        sig = 1.0 / (1.0 + tl.exp(-pre))
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    seqlen, dim,
+    sx_b, sx_l, sx_d, sw_d, sw_k, sb_d,
+    W: tl.constexpr, DIR: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(1).to(tl.int64)
+    rt = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)     # tokens   (BLOCK_L,)
+    rc = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)     # channels (BLOCK_C,)
+    mc = rc < dim
+    bias = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rc * sb_d, mask=mc, other=0.0).to(tl.float32)
+    pre = _conv_pre(x_ptr, w_ptr, pid_b * sx_b, rt, rc * sx_d, rc * sw_d, mc, bias, seqlen, sx_l, sw_k,
+                    W, DIR, BLOCK_L, BLOCK_C)
+    out = pre
+    if ACT:
+        out = pre / (1.0 + tl.exp(-pre))
+    offs = pid_b * seqlen * dim + rt[:, None] * dim + rc[None, :]               # out is contiguous
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=(rt < seqlen)[:, None] & mc[None, :])
+
+
+# Gradients, with g_pre_t = g_out_t silu'(pre_t), silu'(p) = sig(p) (1 + p (1 - sig(p))):
+#   g_x_s      = sum_k weight[:, k] g_pre_{s - DIR (W-1-k)}     (the transposed conv: the other direction)
+#   g_weight_k = sum_{b,t} g_pre_t x_{t + DIR (W-1-k)}           g_bias = sum_{b,t} g_pre_t
+# pre is recomputed from x rather than saved by the forward: that saves a (b, l, d) tensor, and the op
+# saves only x, weight, bias. g_x_s needs g_pre at the W tokens s - DIR (W-1-k); a program recomputes
+# them tap by tap (W shifted tiles, W loads of x each: cheap, cached re-reads of a memory-bound op's input)
+# rather than exchanging halos through a workspace. The tap W-1 is the program's own tokens: its g_pre
+# also gives the program's partial sums of g_weight and g_bias (over its BLOCK_L tokens), added with
+# tl.atomic_add into float32 (d, W) and (d,) buffers, cast to the parameters' dtypes afterwards.
+
+@triton.jit
+def _conv_bwd_kernel(
+    g_ptr, x_ptr, w_ptr, bias_ptr,                      # inputs
+    gx_ptr, gw_ptr, gb_ptr,                             # g_x (b, l, d) contiguous; g_w (d, W), g_b (d,) zeroed
+    seqlen, dim,
+    sg_b, sg_l, sg_d, sx_b, sx_l, sx_d, sw_d, sw_k, sb_d,
+    W: tl.constexpr, DIR: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(1).to(tl.int64)
+    rt = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    rc = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mc = rc < dim
+    bias = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rc * sb_d, mask=mc, other=0.0).to(tl.float32)
+    g_row, x_row = pid_b * sg_b, pid_b * sx_b
+    g_col, x_col, w_col = rc * sg_d, rc * sx_d, rc * sw_d
+
+    # own tokens (tap W-1, shift 0): g_pre, the partial sums of g_bias and g_weight
+    g_pre = _conv_g_pre(g_ptr, x_ptr, w_ptr, g_row, x_row, rt, g_col, x_col, w_col, mc, bias, seqlen, sg_l,
+                        sx_l, sw_k, W, DIR, ACT, BLOCK_L, BLOCK_C)     # 0 at tokens past l
+    if HAS_BIAS:
+        tl.atomic_add(gb_ptr + rc, tl.sum(g_pre, axis=0), mask=mc, sem="relaxed")
+    for k in tl.static_range(W):
+        xk = _conv_load(x_ptr, x_row, rt + DIR * (W - 1 - k), x_col, mc, seqlen, sx_l)
+        tl.atomic_add(gw_ptr + rc * W + k, tl.sum(g_pre * xk, axis=0), mask=mc, sem="relaxed")
+    w_last = tl.load(w_ptr + w_col + (W - 1) * sw_k, mask=mc, other=0.0).to(tl.float32)
+    g_x = w_last[None, :] * g_pre
+
+    # the other taps: g_pre at the shifted tokens, recomputed
+    for k in tl.static_range(W - 1):
+        wk = tl.load(w_ptr + w_col + k * sw_k, mask=mc, other=0.0).to(tl.float32)
+        g_pre_k = _conv_g_pre(g_ptr, x_ptr, w_ptr, g_row, x_row, rt - DIR * (W - 1 - k), g_col, x_col, w_col,
+                              mc, bias, seqlen, sg_l, sx_l, sw_k, W, DIR, ACT, BLOCK_L, BLOCK_C)
+        g_x += wk[None, :] * g_pre_k
+    offs = pid_b * seqlen * dim + rt[:, None] * dim + rc[None, :]
+    tl.store(gx_ptr + offs, g_x.to(gx_ptr.dtype.element_ty), mask=(rt < seqlen)[:, None] & mc[None, :])
+
+
+#################################################################################
+#                       Conv launchers and custom ops                           #
+#################################################################################
+
+def _conv_grid(b, l, d):
+    """Grid and block sizes (BLOCK_L, BLOCK_C): smaller for short or narrow inputs."""
+    block_l = min(CONV_BLOCK_L, triton.next_power_of_2(l))
+    block_c = min(CONV_BLOCK_D, triton.next_power_of_2(d))
+    return (triton.cdiv(l, block_l), b, triton.cdiv(d, block_c)), block_l, block_c
+
+
+@torch.library.custom_op("dis_scan::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool,
+              activation: bool) -> torch.Tensor:
+    b, l, d = x.shape
+    out = _empty(x)
     if out.numel() == 0:
-        return out, starts
-    block_d, block_n = _blocks(d, n)
-    _scan_fwd_kernel[(b, triton.cdiv(d, block_d))](
-        u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, out, starts,
-        d, n, l, n_chunks,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=NUM_WARPS)
-    return out, starts
+        return out
+    grid, block_l, block_c = _conv_grid(b, l, d)
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, out, l, d,
+        *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
+        W=weight.shape[1], DIR=1 if reverse else -1, HAS_BIAS=bias is not None, ACT=activation,
+        BLOCK_L=block_l, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return out
 
 
-@_scan_fwd.register_fake
-def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
-    b, d, l = u.shape
-    n_chunks = (l + chunk - 1) // chunk
-    return _empty(u), u.new_empty(b, n_chunks, d, A.shape[1], dtype=torch.float32)
+@_conv_fwd.register_fake
+def _conv_fwd_fake(x, weight, bias, reverse, activation):
+    return _empty(x)
 
 
-@torch.library.custom_op("dis_scan::selective_scan_bwd", mutates_args=())
-def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-              C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
-              delta_bias: Optional[torch.Tensor], starts: torch.Tensor, delta_softplus: bool, chunk: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                         torch.Tensor, torch.Tensor]:
-    # the incoming gradient may be an expanded tensor with zero strides (e.g. from out.sum())
-    g_out, u, delta, A, B, C, starts = (x.contiguous() for x in (g_out, u, delta, A, B, C, starts))
-    D, z, delta_bias = (x.contiguous() if x is not None else None for x in (D, z, delta_bias))
-    b, d, l = u.shape
-    n = A.shape[1]
-    f32 = dict(dtype=torch.float32, device=u.device)
-    g_u, g_delta = _empty(u), _empty(delta)
-    g_z = _empty(z) if z is not None else _none_grad(u)
-    g_A, g_B, g_C = torch.zeros(d, n, **f32), torch.zeros(b, n, l, **f32), torch.zeros(b, n, l, **f32)
-    g_D, g_bias = torch.zeros(d, **f32), torch.zeros(d, **f32)
-    if u.numel() > 0:
-        block_d, block_n = _blocks(d, n)
-        grid = (b, triton.cdiv(d, block_d))
-        ws = torch.empty(b * grid[1] * chunk * block_d * block_n, **f32)
-        _scan_bwd_kernel[grid](
-            g_out, u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, starts, ws,
-            g_u, g_delta, g_z, g_A, g_B, g_C, g_D, g_bias,
-            d, n, l, starts.shape[1],
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=NUM_WARPS)
-    return (g_u, g_delta, g_A.to(A.dtype), g_B.to(B.dtype), g_C.to(C.dtype),
-            g_D.to(D.dtype) if D is not None else _none_grad(u), g_z,
-            g_bias.to(delta_bias.dtype) if delta_bias is not None else _none_grad(u))
+@torch.library.custom_op("dis_scan::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd(g_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              reverse: bool, activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, l, d = x.shape
+    f32 = dict(dtype=torch.float32, device=x.device)
+    g_x = _empty(x)
+    g_w, g_b = torch.zeros(d, weight.shape[1], **f32), torch.zeros(d, **f32)
+    if g_x.numel() > 0:
+        grid, block_l, block_c = _conv_grid(b, l, d)
+        _conv_bwd_kernel[grid](
+            g_out, x, weight, bias if bias is not None else weight, g_x, g_w, g_b, l, d,
+            *g_out.stride(), *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
+            W=weight.shape[1], DIR=1 if reverse else -1, HAS_BIAS=bias is not None, ACT=activation,
+            BLOCK_L=block_l, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return g_x, g_w.to(weight.dtype), g_b.to(bias.dtype) if bias is not None else _none_grad(x)
 
 
-@_scan_bwd.register_fake
-def _scan_bwd_fake(g_out, u, delta, A, B, C, D, z, delta_bias, starts, delta_softplus, chunk):
-    opt = lambda x: _empty(x) if x is not None else _none_grad(u)
-    return _empty(u), _empty(delta), _empty(A), _empty(B), _empty(C), opt(D), opt(z), opt(delta_bias)
+@_conv_bwd.register_fake
+def _conv_bwd_fake(g_out, x, weight, bias, reverse, activation):
+    return _empty(x), _empty(weight), _empty(bias) if bias is not None else _none_grad(x)
 
 
-def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, reverse, activation = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.reverse, ctx.activation = reverse, activation
 
 
-def _backward(ctx, g_out, _g_starts):
-    u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
-    g = torch.ops.dis_scan.selective_scan_bwd(g_out, u, delta, A, B, C, D, z, delta_bias, starts,
-                                              ctx.delta_softplus, ctx.chunk)
-    g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias = g
-    return (g_u, g_delta, g_A, g_B, g_C, g_D if D is not None else None, g_z if z is not None else None,
-            g_bias if delta_bias is not None else None, None, None)
+def _conv_backward(ctx, g_out):
+    x, weight, bias = ctx.saved_tensors
+    g_x, g_w, g_b = torch.ops.dis_scan.causal_conv1d_bwd(g_out, x, weight, bias, ctx.reverse, ctx.activation)
+    return g_x, g_w, g_b if bias is not None else None, None, None
 
 
-_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
-def _check(u, delta, A, B, C, D, z, delta_bias, chunk):
-    if u.ndim != 3 or A.ndim != 2:
-        raise ValueError(f"selective_scan_triton: u must be (b, d, l) and A (d, n), got {tuple(u.shape)} "
-                         f"and {tuple(A.shape)}")
-    b, d, l = u.shape
-    n = A.shape[1]
-    expected = {"delta": (delta, (b, d, l)), "A": (A, (d, n)), "B": (B, (b, n, l)), "C": (C, (b, n, l)),
-                "D": (D, (d,)), "z": (z, (b, d, l)), "delta_bias": (delta_bias, (d,))}
-    for name, (t, shape) in expected.items():
+def _conv_check(x, weight, bias):
+    """weight as (d, w); one clear error per problem."""
+    name = "causal_conv1d_triton"
+    if not isinstance(x, torch.Tensor) or x.ndim != 3:
+        raise ValueError(f"{name}: x must be a (b, l, d) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    d = x.shape[2]
+    if weight.ndim == 3 and weight.shape[1] == 1:
+        weight = weight[:, 0]
+    if weight.ndim != 2 or weight.shape[0] != d or weight.shape[1] < 1:
+        raise ValueError(f"{name}: weight must be (d, w) or (d, 1, w) with d = {d} and w >= 1, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (d,):
+        raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({d},)")
+    for what, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: {what} is {t.dtype}; supported: float32, bfloat16, float16")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: {what} is on {t.device}, x on {x.device}")
+    if x.device.type == "cpu" and not _interpreter_ready():
+        raise ValueError(f"{name}: x is on the CPU, where Triton runs only in its interpreter: set "
+                         f"TRITON_INTERPRET=1 before triton is first imported")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: x is on {x.device}; the kernels run on CUDA (or the CPU interpreter)")
+    return weight
+
+
+def causal_conv1d_triton(x, weight, bias=None, reverse=False, activation=True):
+    """Depthwise causal (reverse=False) or anti-causal (reverse=True) conv1d + bias, then SiLU if activation,
+    on token-major x (b, l, d) of any strides; weight (d, w) or (d, 1, w), bias (d,) or None.
+    Returns a new contiguous (b, l, d) tensor in x's dtype; differentiable in x, weight and bias."""
+    weight = _conv_check(x, weight, bias)
+    return torch.ops.dis_scan.causal_conv1d_fwd(x, weight, bias, bool(reverse), bool(activation))
+
+
+#################################################################################
+#                        Add + RMSNorm kernels                                  #
+#################################################################################
+# One row = one token (b, l) with its d channels; BLOCK_D = next_power_of_2(d) and a column mask. Masked
+# columns load as 0, so they add nothing to the sums of squares or to any gradient. Row offsets are int64:
+# b * l * d can pass 2**31.
+
+@triton.jit
+def _add_rms_norm_fwd_kernel(
+    h_ptr, res_ptr, w_ptr, scale_ptr,                 # inputs (absent ones: any pointer)
+    out_ptr, resout_ptr,                              # outputs, contiguous (b, l, d)
+    seqlen, dim, h_sb, h_sl, r_sb, r_sl, eps,
+    HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)               # one program per row
+    bi = row // seqlen
+    li = row - bi * seqlen
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < dim
+    x = tl.load(h_ptr + bi * h_sb + li * h_sl + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        x = x * tl.load(scale_ptr + bi)
+    if HAS_RES:
+        x += tl.load(res_ptr + bi * r_sb + li * r_sl + cols, mask=mask, other=0.0)
+    tl.store(resout_ptr + row * dim + cols, x, mask=mask)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / dim + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = x * rstd * w                                  # RMSNorm's order: normalize, then the weight
+    tl.store(out_ptr + row * dim + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_bwd_kernel(
+    gy_ptr, gres_ptr, x_ptr, w_ptr, scale_ptr,        # inputs: g_normed, g_residual_out, residual_out, ...
+    gh_ptr, gr_ptr, gw_ptr,                           # outputs: g_hidden, g_residual (b, l, d), partials (P, d)
+    n_rows, seqlen, dim, rows_per_prog, gy_sb, gy_sl, gr_sb, gr_sl, eps,
+    HAS_GRES: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_GRES: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Each program owns rows_per_prog consecutive rows and sums its share of g_weight in registers; rows
+    # past n_rows (the last program's tail) are masked out whole, so they add nothing.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < dim
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+    gw_acc = tl.zeros((BLOCK_D,), tl.float32)
+    first = pid.to(tl.int64) * rows_per_prog
+    for i in range(0, rows_per_prog):
+        row = first + i
+        mask = cmask & (row < n_rows)
+        bi = row // seqlen
+        li = row - bi * seqlen
+        x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / dim + eps)    # recomputed exactly as in the forward
+        xhat = x * rstd
+        gy = tl.load(gy_ptr + bi * gy_sb + li * gy_sl + cols, mask=mask, other=0.0).to(tl.float32)
+        gw_acc += gy * xhat
+        gxhat = gy * w
+        gx = (gxhat - xhat * (tl.sum(gxhat * xhat, axis=0) / dim)) * rstd
+        if HAS_GRES:
+            gx += tl.load(gres_ptr + bi * gr_sb + li * gr_sl + cols, mask=mask, other=0.0).to(tl.float32)
+        if WRITE_GRES:
+            tl.store(gr_ptr + row * dim + cols, gx, mask=mask)
+        if HAS_SCALE:
+            gx = gx * tl.load(scale_ptr + bi, mask=row < n_rows, other=0.0)
+        tl.store(gh_ptr + row * dim + cols, gx.to(gh_ptr.dtype.element_ty), mask=mask)
+    tl.store(gw_ptr + pid * dim + cols, gw_acc, mask=cmask)
+
+
+#################################################################################
+#                          Launchers and custom ops                             #
+#################################################################################
+
+def _norm_launch_params(d):
+    """BLOCK_D (d padded to 2^k) and num_warps: about 4 floats per thread, 1 to 8 warps."""
+    block_d = triton.next_power_of_2(d)
+    return block_d, min(max(block_d // 128, 1), 8)
+
+
+def _norm_bwd_programs(device, n_rows):
+    """Backward programs: a few per SM on CUDA, enough to fill the GPU while each still sums many rows of
+    g_weight (fewer partial rows to add up); a handful on the CPU interpreter, which runs them one by one."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    return max(1, min(n_rows, target))
+
+
+def _unit_last_stride(x):
+    """x itself when its channels are adjacent in memory (any b, l strides are fine), else a contiguous copy.
+    A size-1 last dimension is never strided, whatever its stride says."""
+    if x is None or x.shape[-1] == 1 or x.stride(-1) == 1:
+        return x
+    return x.contiguous()
+
+
+def _rows_like(x, dtype):
+    """A new contiguous (b, l, d) tensor (the fake and the real ops must agree on strides)."""
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+
+@torch.library.custom_op("dis_scan::add_rms_norm_fwd", mutates_args=())
+def _add_rms_norm_fwd(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                      scale: Optional[torch.Tensor], eps: float, out_dtype: Optional[torch.dtype]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden, residual = _unit_last_stride(hidden), _unit_last_stride(residual)
+    weight = weight.contiguous()
+    scale = scale.contiguous() if scale is not None else None
+    b, l, d = hidden.shape
+    normed = _rows_like(hidden, out_dtype if out_dtype is not None else hidden.dtype)
+    residual_out = _rows_like(hidden, torch.float32)
+    if normed.numel() == 0:
+        return normed, residual_out
+    block_d, num_warps = _norm_launch_params(d)
+    res = residual if residual is not None else hidden
+    _add_rms_norm_fwd_kernel[(b * l,)](
+        hidden, res, weight, scale if scale is not None else weight, normed, residual_out,
+        l, d, hidden.stride(0), hidden.stride(1), res.stride(0), res.stride(1), float(eps),
+        HAS_RES=residual is not None, HAS_SCALE=scale is not None, BLOCK_D=block_d, num_warps=num_warps)
+    return normed, residual_out
+
+
+@_add_rms_norm_fwd.register_fake
+def _add_rms_norm_fwd_fake(hidden, residual, weight, scale, eps, out_dtype):
+    return (_rows_like(hidden, out_dtype if out_dtype is not None else hidden.dtype),
+            _rows_like(hidden, torch.float32))
+
+
+@torch.library.custom_op("dis_scan::add_rms_norm_bwd", mutates_args=())
+def _add_rms_norm_bwd(g_normed: torch.Tensor, g_residual_out: Optional[torch.Tensor], residual_out: torch.Tensor,
+                      weight: torch.Tensor, scale: Optional[torch.Tensor], eps: float, hidden_dtype: torch.dtype,
+                      need_g_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # incoming gradients may be expanded with zero strides (e.g. from out.sum()): the b, l strides are passed
+    # to the kernel as they are, a non-unit channel stride costs a copy
+    g_normed, g_residual_out = _unit_last_stride(g_normed), _unit_last_stride(g_residual_out)
+    residual_out, weight = residual_out.contiguous(), weight.contiguous()
+    scale = scale.contiguous() if scale is not None else None
+    b, l, d = residual_out.shape
+    n_rows = b * l
+    g_hidden = _rows_like(residual_out, hidden_dtype)
+    g_residual = _rows_like(residual_out, torch.float32) if need_g_residual else residual_out.new_empty(0)
+    if n_rows == 0:
+        return g_hidden, g_residual, torch.zeros_like(weight, dtype=torch.float32)
+    block_d, num_warps = _norm_launch_params(d)
+    programs = _norm_bwd_programs(residual_out.device, n_rows)
+    rows_per_prog = triton.cdiv(n_rows, programs)
+    programs = triton.cdiv(n_rows, rows_per_prog)     # no program left without rows
+    partial = torch.empty(programs, d, dtype=torch.float32, device=residual_out.device)
+    gres = g_residual_out if g_residual_out is not None else g_normed
+    _add_rms_norm_bwd_kernel[(programs,)](
+        g_normed, gres, residual_out, weight, scale if scale is not None else weight,
+        g_hidden, g_residual if need_g_residual else g_hidden, partial,
+        n_rows, l, d, rows_per_prog, g_normed.stride(0), g_normed.stride(1), gres.stride(0), gres.stride(1),
+        float(eps),
+        HAS_GRES=g_residual_out is not None, HAS_SCALE=scale is not None, WRITE_GRES=need_g_residual,
+        BLOCK_D=block_d, num_warps=num_warps)
+    return g_hidden, g_residual, partial.sum(0)
+
+
+@_add_rms_norm_bwd.register_fake
+def _add_rms_norm_bwd_fake(g_normed, g_residual_out, residual_out, weight, scale, eps, hidden_dtype,
+                           need_g_residual):
+    g_residual = _rows_like(residual_out, torch.float32) if need_g_residual else residual_out.new_empty(0)
+    return (_rows_like(residual_out, hidden_dtype), g_residual,
+            weight.new_empty(weight.shape, dtype=torch.float32))
+
+
+def _norm_setup_context(ctx, inputs, output):
+    hidden, residual, weight, scale, eps, out_dtype = inputs
+    # residual_out is the stream the caller keeps anyway; hidden and residual themselves are not needed
+    ctx.save_for_backward(output[1], weight, scale)
+    ctx.eps, ctx.hidden_dtype, ctx.has_residual = eps, hidden.dtype, residual is not None
+
+
+def _norm_backward(ctx, g_normed, g_residual_out):
+    residual_out, weight, scale = ctx.saved_tensors
+    if g_normed is None:   # only when autograd does not materialize unused outputs' gradients as zeros
+        g_normed = torch.zeros_like(residual_out)
+    need_g_residual = ctx.has_residual and ctx.needs_input_grad[1]
+    g_hidden, g_residual, g_weight = torch.ops.dis_scan.add_rms_norm_bwd(
+        g_normed, g_residual_out, residual_out, weight, scale, ctx.eps, ctx.hidden_dtype, need_g_residual)
+    # scale (drop-path's factor) is a random draw, not a parameter: no gradient
+    return g_hidden, g_residual if need_g_residual else None, g_weight, None, None, None
+
+
+_add_rms_norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context)
+
+
+def _check_norm(hidden, residual, weight, scale, out_dtype):
+    name = "add_rms_norm_triton"
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
+        raise ValueError(f"{name}: hidden must be a (b, l, d) tensor, got "
+                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+    b, l, d = hidden.shape
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{name}: weight must be a (d,) tensor, got {type(weight).__name__}")
+    if hidden.dtype not in NORM_DTYPES:
+        raise TypeError(f"{name}: hidden is {hidden.dtype}; supported: float32, bfloat16, float16")
+    if not 1 <= d <= NORM_MAX_D:
+        raise ValueError(f"{name}: d = {d} is outside [1, {NORM_MAX_D}] (a whole row is one on-chip tile)")
+    expected = {"residual": (residual, (b, l, d)), "weight": (weight, (d,)), "scale": (scale, (b,))}
+    for arg, (t, shape) in expected.items():
         if t is None:
             continue
         if tuple(t.shape) != shape:
-            raise ValueError(f"selective_scan_triton: {name} has shape {tuple(t.shape)}, expected {shape}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"selective_scan_triton: {name} is {t.dtype}; supported: float32, bfloat16, "
-                            f"float16 (complex A is not supported)")
-        if t.device != u.device:
-            raise ValueError(f"selective_scan_triton: {name} is on {t.device}, u on {u.device}")
-    if u.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"selective_scan_triton: u is {u.dtype}; supported: float32, bfloat16, float16")
-    if chunk < 1:
-        raise ValueError(f"selective_scan_triton: chunk must be >= 1, got {chunk}")
+            raise ValueError(f"{name}: {arg} has shape {tuple(t.shape)}, expected {shape}")
+        if t.dtype != torch.float32:   # the stream, RMSNorm's weight and drop-path's factors are float32
+            raise TypeError(f"{name}: {arg} is {t.dtype}, expected torch.float32")
+        if t.device != hidden.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, hidden on {hidden.device}")
+    if out_dtype is not None and out_dtype not in NORM_DTYPES:
+        raise TypeError(f"{name}: out_dtype is {out_dtype}; supported: float32, bfloat16, float16")
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          chunk=CHUNK):
-    """The selective scan with DiS.selective_scan's (and mamba-ssm's selective_scan_fn's) signature,
-    run by the Triton kernels above; differentiable in every tensor argument.
-    chunk: tokens per saved state (memory b * d * n * l / chunk floats) and per backward rerun."""
-    _check(u, delta, A, B, C, D, z, delta_bias, chunk)
-    out, _ = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
-                                                   bool(delta_softplus), int(chunk))
-    return out
+def add_rms_norm_triton(hidden, residual, weight, eps, scale=None, out_dtype=None):
+    """residual_out = residual + scale[:, None, None] * hidden (float32; residual None: the scaled hidden), and
+    normed = RMSNorm(residual_out) * weight computed in float32 and stored in out_dtype (default: hidden's
+    dtype; pass the autocast dtype under autocast). Returns (normed, residual_out), both new (b, l, d) tensors;
+    differentiable in hidden, residual and weight. eps None means nn.RMSNorm's default, float32's epsilon."""
+    _check_norm(hidden, residual, weight, scale, out_dtype)
+    eps = torch.finfo(torch.float32).eps if eps is None else float(eps)
+    return torch.ops.dis_scan.add_rms_norm_fwd(hidden, residual, weight, scale, eps, out_dtype)
+
+
+#################################################################################
+#                      The fused bidirectional mixer                            #
+#################################################################################
+# mamba_simple.Mamba's mamba_inner_fn, for DiS's two directions: the readable BiMamba.forward with the same
+# parameters, computed token-major from start to end. in_proj's output (b, l, 2 d_inner) is never transposed:
+# x and z are views of it; the conv and the scan read them through their strides; x_proj's output holds delta's
+# low-rank part, B and C side by side, and the scan reads B and C as strided views of it. The backward
+# direction needs no flips: an anti-causal conv and a scan that walks the tokens from last to first compute
+# exactly flip(direction(flip(x))), and its scan adds its result into the forward direction's output.
+# Each kernel is its own autograd-aware op, so the matmuls stay ordinary (autocast puts them in bf16) and
+# torch.compile sees the whole block.
+
+def bimamba_inner_fn(hidden, in_proj_weight, out_proj_weight, forward_params, backward_params):
+    """DiS's bidirectional mixer, DiS.BiMamba.forward's result. hidden: (b, l, d); each *_params is one
+    direction's (conv weight (d_inner, 1, d_conv), conv bias, x_proj weight, dt_proj weight, dt_proj bias, A_log, D)."""
+    xz = F.linear(hidden, in_proj_weight)                                             # (b, l, 2 d_inner)
+    x, z = xz.chunk(2, dim=-1)                                                        # (b, l, d_inner) views
+    y = None
+    for params, reverse in ((forward_params, False), (backward_params, True)):
+        conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D = params
+        dt_rank, n = dt_proj_weight.shape[1], A_log.shape[1]
+        u = causal_conv1d_triton(x, conv_weight, conv_bias, reverse=reverse)          # (b, l, d_inner), SiLU'd
+        x_dbl = F.linear(u, x_proj_weight)                                            # (b, l, dt_rank + 2n)
+        delta_low, B, C = x_dbl.split([dt_rank, n, n], dim=-1)   # views; one cat joins their gradients
+        delta = F.linear(delta_low, dt_proj_weight)                                   # (b, l, d_inner)
+        y = selective_scan_triton_tm(u, delta, A_log, B, C, D, z, dt_proj_bias, delta_softplus=True,
+                                     reverse=reverse, add=y, A_is_log=True)                # (b, l, d_inner)
+    return F.linear(y, out_proj_weight)                                               # (b, l, d)
