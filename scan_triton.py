@@ -67,7 +67,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["selective_scan_triton", "selective_scan_triton_tm", "causal_conv1d_triton", "add_rms_norm_triton",
+__all__ = ["selective_scan_triton", "selective_scan_triton_tm", "causal_conv1d_triton", "causal_conv1d_bidir_triton", "add_rms_norm_triton",
            "bimamba_inner_fn", "triton_scan_usable", "INTERPRETED", "CHUNK", "BLOCK_D"]
 
 CHUNK = 32      # steps per chunk: one saved state each, and the backward workspace holds one chunk
@@ -535,11 +535,23 @@ def _none_grad(u):
 #################################################################################
 #                                 Conv kernels                                  #
 #################################################################################
+# A depthwise conv1d + bias (+ SiLU) of token-major x (b, l, d), in one or two directions:
+#   causal  (DIR = -1)   pre_t = bias + sum_k weight[:, k] x_{t-(W-1)+k}
+#   reverse (DIR = +1)   pre_t = bias + sum_k weight[:, k] x_{t+(W-1)-k}   (the causal conv of the flipped
+#                                                                          sequence, flipped back)
+# so tap k of token t reads token t + DIR (W-1-k). A bidirectional mixer sends the SAME x through a causal
+# conv with the forward direction's (weight_f, bias_f) and a reverse conv with the backward direction's
+# (weight_b, bias_b). The kernels take both directions, each switched on by a constexpr (CAUSAL: the _f
+# tensors, ANTI: the _b tensors), so one launch serves the pair: the forward reads each x tile once for both
+# outputs, and the backward adds both directions' g_x in registers and writes it once (two launches would
+# read x twice and write two partial g_x, which an autograd add then reads back to write their sum). A single
+# direction is the same kernel with the other switched off; an absent direction's pointers are any tensor,
+# never accessed.
 # Both kernels: grid (cdiv(l, BLOCK_L), b, cdiv(d, BLOCK_C)) (the token blocks on axis 0, which has no
-# 65535 limit); a program owns a (BLOCK_L, BLOCK_C) tile of (token, channel) outputs. Tap k of token t
-# reads token t + DIR (W-1-k), DIR = -1 causal, +1 reverse: the W-1 halo tokens come from the neighbouring
-# tiles' rows (loaded again by each program, mostly from cache). Tokens outside [0, l) and channels past d
-# load as 0. Offsets are int64: b * l * d (and a strided view's l * stride) can pass 2**31.
+# 65535 limit); a program owns a (BLOCK_L, BLOCK_C) tile of (token, channel) outputs. The W-1 halo tokens
+# of a direction come from the neighbouring tiles' rows (loaded again by each program, mostly from cache).
+# Tokens outside [0, l) and channels past d load as 0. Offsets are int64: b * l * d (and a strided view's
+# l * stride) can pass 2**31.
 
 @triton.jit
 def _conv_load(ptr, row, pos, col, mc, seqlen, stride_l):
@@ -550,13 +562,84 @@ def _conv_load(ptr, row, pos, col, mc, seqlen, stride_l):
 
 
 @triton.jit
+def _conv_tap(w_ptr, w_col, k, sw_k, mc):
+    """weight[:, k] at channel offsets w_col in float32, as a (1, BLOCK_C) row that broadcasts over tokens."""
+    return tl.load(w_ptr + w_col + k * sw_k, mask=mc, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _conv_bias(b_ptr, rc, sb_d, mc, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """bias at channels rc in float32 (BLOCK_C,); 0 without a bias."""
+    bias = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rc * sb_d, mask=mc, other=0.0).to(tl.float32)
+    return bias
+
+
+@triton.jit
+def _conv_store(out_ptr, offs, mask, pre, ACT: tl.constexpr):
+    """out = silu(pre) (or pre), in out's dtype."""
+    out = pre
+    if ACT:
+        out = pre / (1.0 + tl.exp(-pre))
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, sx_b, sx_l, sx_d, seqlen, dim,
+    uf_ptr, wf_ptr, swf_d, swf_k, bf_ptr, sbf_d,        # causal direction: out (contiguous), weight, bias
+    ub_ptr, wb_ptr, swb_d, swb_k, bb_ptr, sbb_d,        # reverse direction
+    CAUSAL: tl.constexpr, ANTI: tl.constexpr, W_F: tl.constexpr, W_B: tl.constexpr,   # an absent one's W: 1
+    HAS_BF: tl.constexpr, HAS_BB: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(1).to(tl.int64)
+    rt = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)     # tokens   (BLOCK_L,)
+    rc = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)     # channels (BLOCK_C,)
+    mc = rc < dim
+    x_row, x_col = pid_b * sx_b, rc * sx_d
+    pre_f = tl.zeros((BLOCK_L, BLOCK_C), tl.float32) + _conv_bias(bf_ptr, rc, sbf_d, mc, HAS_BF, BLOCK_C)[None, :]
+    pre_b = tl.zeros((BLOCK_L, BLOCK_C), tl.float32) + _conv_bias(bb_ptr, rc, sbb_d, mc, HAS_BB, BLOCK_C)[None, :]
+    # x shifted by s tokens, s = -(W_F-1) .. W_B-1, feeds the causal tap W_F-1+s (s <= 0) and the reverse tap
+    # W_B-1-s (s >= 0): each shifted tile is loaded once, and the unshifted one (s = 0) serves both directions.
+    # An absent direction's W is 1, so the loop covers only the shifts the present directions read.
+    for s in tl.static_range(1 - W_F, W_B):
+        xs = _conv_load(x_ptr, x_row, rt + s, x_col, mc, seqlen, sx_l)
+        if CAUSAL and s <= 0:
+            pre_f += _conv_tap(wf_ptr, rc * swf_d, W_F - 1 + s, swf_k, mc) * xs
+        if ANTI and s >= 0:
+            pre_b += _conv_tap(wb_ptr, rc * swb_d, W_B - 1 - s, swb_k, mc) * xs
+    offs = pid_b * seqlen * dim + rt[:, None] * dim + rc[None, :]               # the outputs are contiguous
+    mask = (rt < seqlen)[:, None] & mc[None, :]
+    if CAUSAL:
+        _conv_store(uf_ptr, offs, mask, pre_f, ACT)
+    if ANTI:
+        _conv_store(ub_ptr, offs, mask, pre_b, ACT)
+
+
+# Gradients of one direction, with g_pre_t = g_out_t silu'(pre_t), silu'(p) = sig(p) (1 + p (1 - sig(p))):
+#   g_x_s      = sum_k weight[:, k] g_pre_{s - DIR (W-1-k)}     (the transposed conv: the other direction)
+#   g_weight_k = sum_{b,t} g_pre_t x_{t + DIR (W-1-k)}           g_bias = sum_{b,t} g_pre_t
+# and with both directions g_x is the sum of the two g_x_s (x feeds both), the causal one reading g_pre_f at
+# s .. s+W_F-1, the reverse one g_pre_b at s-(W_B-1) .. s; each direction keeps its own g_weight, g_bias.
+# pre is recomputed from x rather than saved by the forward: that saves a (b, l, d) tensor per direction,
+# and the op saves only x, the weights and the biases. g_x_s needs g_pre at the W tokens s - DIR (W-1-k); a
+# program recomputes them tap by tap (W shifted tiles, W loads of x each: cheap, cached re-reads of a
+# memory-bound op's input) rather than exchanging halos through a workspace. The tap W-1 is the program's
+# own tokens: its g_pre also gives the program's partial sums of g_weight and g_bias (over its BLOCK_L
+# tokens), added with tl.atomic_add into float32 (d, W) and (d,) buffers, cast to the parameters' dtypes
+# afterwards. A direction without an upstream gradient (its output unused by the loss) is switched off: its
+# g_pre is 0, it adds nothing to g_x, and its g_weight, g_bias stay 0.
+
+@triton.jit
 def _conv_pre(x_ptr, w_ptr, x_row, pos, x_col, w_col, mc, bias, seqlen, sx_l, sw_k,
               W: tl.constexpr, DIR: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """pre at tokens pos: bias + sum_k weight[:, k] x_{pos + DIR (W-1-k)}, float32 (BLOCK_L, BLOCK_C)."""
+    """One direction's pre at tokens pos: bias + sum_k weight[:, k] x_{pos + DIR (W-1-k)}, float32."""
     pre = tl.zeros((BLOCK_L, BLOCK_C), tl.float32) + bias[None, :]
     for k in tl.static_range(W):
-        wk = tl.load(w_ptr + w_col + k * sw_k, mask=mc, other=0.0).to(tl.float32)
-        pre += wk[None, :] * _conv_load(x_ptr, x_row, pos + DIR * (W - 1 - k), x_col, mc, seqlen, sx_l)
+        pre += _conv_tap(w_ptr, w_col, k, sw_k, mc) * _conv_load(x_ptr, x_row, pos + DIR * (W - 1 - k), x_col,
+                                                                 mc, seqlen, sx_l)
     return pre
 
 
@@ -575,57 +658,12 @@ def _conv_g_pre(g_ptr, x_ptr, w_ptr, g_row, x_row, pos, g_col, x_col, w_col, mc,
 
 
 @triton.jit
-def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
-    seqlen, dim,
-    sx_b, sx_l, sx_d, sw_d, sw_k, sb_d,
-    W: tl.constexpr, DIR: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid_b = tl.program_id(1).to(tl.int64)
-    rt = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)     # tokens   (BLOCK_L,)
-    rc = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)     # channels (BLOCK_C,)
-    mc = rc < dim
-    bias = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rc * sb_d, mask=mc, other=0.0).to(tl.float32)
-    pre = _conv_pre(x_ptr, w_ptr, pid_b * sx_b, rt, rc * sx_d, rc * sw_d, mc, bias, seqlen, sx_l, sw_k,
-                    W, DIR, BLOCK_L, BLOCK_C)
-    out = pre
-    if ACT:
-        out = pre / (1.0 + tl.exp(-pre))
-    offs = pid_b * seqlen * dim + rt[:, None] * dim + rc[None, :]               # out is contiguous
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=(rt < seqlen)[:, None] & mc[None, :])
-
-
-# Gradients, with g_pre_t = g_out_t silu'(pre_t), silu'(p) = sig(p) (1 + p (1 - sig(p))):
-#   g_x_s      = sum_k weight[:, k] g_pre_{s - DIR (W-1-k)}     (the transposed conv: the other direction)
-#   g_weight_k = sum_{b,t} g_pre_t x_{t + DIR (W-1-k)}           g_bias = sum_{b,t} g_pre_t
-# pre is recomputed from x rather than saved by the forward: that saves a (b, l, d) tensor, and the op
-# saves only x, weight, bias. g_x_s needs g_pre at the W tokens s - DIR (W-1-k); a program recomputes
-# them tap by tap (W shifted tiles, W loads of x each: cheap, cached re-reads of a memory-bound op's input)
-# rather than exchanging halos through a workspace. The tap W-1 is the program's own tokens: its g_pre
-# also gives the program's partial sums of g_weight and g_bias (over its BLOCK_L tokens), added with
-# tl.atomic_add into float32 (d, W) and (d,) buffers, cast to the parameters' dtypes afterwards.
-
-@triton.jit
-def _conv_bwd_kernel(
-    g_ptr, x_ptr, w_ptr, bias_ptr,                      # inputs
-    gx_ptr, gw_ptr, gb_ptr,                             # g_x (b, l, d) contiguous; g_w (d, W), g_b (d,) zeroed
-    seqlen, dim,
-    sg_b, sg_l, sg_d, sx_b, sx_l, sx_d, sw_d, sw_k, sb_d,
-    W: tl.constexpr, DIR: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid_b = tl.program_id(1).to(tl.int64)
-    rt = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
-    rc = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mc = rc < dim
-    bias = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rc * sb_d, mask=mc, other=0.0).to(tl.float32)
-    g_row, x_row = pid_b * sg_b, pid_b * sx_b
-    g_col, x_col, w_col = rc * sg_d, rc * sx_d, rc * sw_d
+def _conv_bwd_dir(g_ptr, sg_b, sg_l, sg_d, x_ptr, x_row, x_col, sx_l, w_ptr, sw_d, sw_k, b_ptr, sb_d,
+                  gw_ptr, gb_ptr, pid_b, rt, rc, mc, seqlen, W: tl.constexpr, DIR: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One direction's share of g_x on the program's tile, float32; adds its partial g_weight, g_bias sums."""
+    bias = _conv_bias(b_ptr, rc, sb_d, mc, HAS_BIAS, BLOCK_C)
+    g_row, g_col, w_col = pid_b * sg_b, rc * sg_d, rc * sw_d
 
     # own tokens (tap W-1, shift 0): g_pre, the partial sums of g_bias and g_weight
     g_pre = _conv_g_pre(g_ptr, x_ptr, w_ptr, g_row, x_row, rt, g_col, x_col, w_col, mc, bias, seqlen, sg_l,
@@ -635,15 +673,40 @@ def _conv_bwd_kernel(
     for k in tl.static_range(W):
         xk = _conv_load(x_ptr, x_row, rt + DIR * (W - 1 - k), x_col, mc, seqlen, sx_l)
         tl.atomic_add(gw_ptr + rc * W + k, tl.sum(g_pre * xk, axis=0), mask=mc, sem="relaxed")
-    w_last = tl.load(w_ptr + w_col + (W - 1) * sw_k, mask=mc, other=0.0).to(tl.float32)
-    g_x = w_last[None, :] * g_pre
+    g_x = _conv_tap(w_ptr, w_col, W - 1, sw_k, mc) * g_pre
 
     # the other taps: g_pre at the shifted tokens, recomputed
     for k in tl.static_range(W - 1):
-        wk = tl.load(w_ptr + w_col + k * sw_k, mask=mc, other=0.0).to(tl.float32)
-        g_pre_k = _conv_g_pre(g_ptr, x_ptr, w_ptr, g_row, x_row, rt - DIR * (W - 1 - k), g_col, x_col, w_col,
-                              mc, bias, seqlen, sg_l, sx_l, sw_k, W, DIR, ACT, BLOCK_L, BLOCK_C)
-        g_x += wk[None, :] * g_pre_k
+        g_x += _conv_tap(w_ptr, w_col, k, sw_k, mc) * _conv_g_pre(
+            g_ptr, x_ptr, w_ptr, g_row, x_row, rt - DIR * (W - 1 - k), g_col, x_col, w_col, mc, bias, seqlen,
+            sg_l, sx_l, sw_k, W, DIR, ACT, BLOCK_L, BLOCK_C)
+    return g_x
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, sx_b, sx_l, sx_d, seqlen, dim, gx_ptr,                                  # g_x: (b, l, d) contiguous
+    gf_ptr, sgf_b, sgf_l, sgf_d, wf_ptr, swf_d, swf_k, bf_ptr, sbf_d, gwf_ptr, gbf_ptr,   # causal direction
+    gb_ptr, sgb_b, sgb_l, sgb_d, wb_ptr, swb_d, swb_k, bb_ptr, sbb_d, gwb_ptr, gbb_ptr,   # reverse direction
+    CAUSAL: tl.constexpr, ANTI: tl.constexpr, W_F: tl.constexpr, W_B: tl.constexpr,
+    HAS_BF: tl.constexpr, HAS_BB: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # per direction: g_out (strided), weight, bias, and the zeroed float32 g_weight (d, W), g_bias (d,) buffers
+    pid_b = tl.program_id(1).to(tl.int64)
+    rt = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    rc = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mc = rc < dim
+    x_row, x_col = pid_b * sx_b, rc * sx_d
+    g_x = tl.zeros((BLOCK_L, BLOCK_C), tl.float32)
+    if CAUSAL:
+        g_x += _conv_bwd_dir(gf_ptr, sgf_b, sgf_l, sgf_d, x_ptr, x_row, x_col, sx_l, wf_ptr, swf_d, swf_k,
+                             bf_ptr, sbf_d, gwf_ptr, gbf_ptr, pid_b, rt, rc, mc, seqlen,
+                             W_F, -1, HAS_BF, ACT, BLOCK_L, BLOCK_C)
+    if ANTI:
+        g_x += _conv_bwd_dir(gb_ptr, sgb_b, sgb_l, sgb_d, x_ptr, x_row, x_col, sx_l, wb_ptr, swb_d, swb_k,
+                             bb_ptr, sbb_d, gwb_ptr, gbb_ptr, pid_b, rt, rc, mc, seqlen,
+                             W_B, 1, HAS_BB, ACT, BLOCK_L, BLOCK_C)
     offs = pid_b * seqlen * dim + rt[:, None] * dim + rc[None, :]
     tl.store(gx_ptr + offs, g_x.to(gx_ptr.dtype.element_ty), mask=(rt < seqlen)[:, None] & mc[None, :])
 
@@ -652,27 +715,78 @@ def _conv_bwd_kernel(
 #                       Conv launchers and custom ops                           #
 #################################################################################
 
-def _conv_grid(b, l, d):
-    """Grid and block sizes (BLOCK_L, BLOCK_C): smaller for short or narrow inputs."""
-    block_l = min(CONV_BLOCK_L, triton.next_power_of_2(l))
+def _conv_grid(b, l, d, backward=False):
+    """Grid and block sizes (BLOCK_L, BLOCK_C): smaller for short or narrow inputs. The backward takes half
+    the forward's tokens per program: it holds more values per token (compiled for sm_90 by Triton 3.8, a
+    full-size backward tile spilled registers)."""
+    block_l = min(CONV_BLOCK_L // 2 if backward else CONV_BLOCK_L, triton.next_power_of_2(l))
     block_c = min(CONV_BLOCK_D, triton.next_power_of_2(d))
     return (triton.cdiv(l, block_l), b, triton.cdiv(d, block_c)), block_l, block_c
+
+
+def _conv_arg(t, ndim, stand_in):
+    """A tensor kernel argument followed by its first ndim strides (0 for an output, contiguous by
+    construction); an absent tensor (None) as stand_in, never accessed, with zero strides."""
+    return (t,) + t.stride()[:ndim] if t is not None else (stand_in,) + (0,) * ndim
+
+
+def _conv_width(weight):
+    return weight.shape[1] if weight is not None else 1
+
+
+def _conv_fwd_impl(x, weight_f, bias_f, weight_b, bias_b, activation):
+    """(u_f, u_b): the causal conv of x with (weight_f, bias_f) and the reverse one with (weight_b, bias_b),
+    in one launch; a direction whose weight is None is skipped, and its output is None."""
+    b, l, d = x.shape
+    u_f, u_b = (_empty(x) if w is not None else None for w in (weight_f, weight_b))
+    if x.numel() > 0:
+        grid, block_l, block_c = _conv_grid(b, l, d)
+        _conv_fwd_kernel[grid](
+            x, *x.stride(), l, d,
+            *_conv_arg(u_f, 0, x), *_conv_arg(weight_f, 2, x), *_conv_arg(bias_f, 1, x),
+            *_conv_arg(u_b, 0, x), *_conv_arg(weight_b, 2, x), *_conv_arg(bias_b, 1, x),
+            CAUSAL=weight_f is not None, ANTI=weight_b is not None,
+            W_F=_conv_width(weight_f), W_B=_conv_width(weight_b),
+            HAS_BF=bias_f is not None, HAS_BB=bias_b is not None, ACT=activation,
+            BLOCK_L=block_l, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return u_f, u_b
+
+
+def _conv_bwd_impl(g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, activation):
+    """The gradients (g_x, g_weight_f, g_bias_f, g_weight_b, g_bias_b) of _conv_fwd_impl's outputs for the
+    upstream g_u_f, g_u_b. A direction whose gradient is None adds nothing (its g_weight, g_bias are 0); one
+    whose weight is None is absent (g_weight None); an absent bias's gradient is a (0,)-shaped tensor."""
+    b, l, d = x.shape
+    g_x = _empty(x)
+    g_wf, g_bf, g_wb, g_bb = (torch.zeros(t.shape, dtype=torch.float32, device=x.device) if t is not None
+                              else None for t in (weight_f, bias_f, weight_b, bias_b))
+    if x.numel() > 0:
+        grid, block_l, block_c = _conv_grid(b, l, d, backward=True)
+        _conv_bwd_kernel[grid](
+            x, *x.stride(), l, d, g_x,
+            *_conv_arg(g_u_f, 3, x), *_conv_arg(weight_f, 2, x), *_conv_arg(bias_f, 1, x),
+            *_conv_arg(g_wf, 0, x), *_conv_arg(g_bf, 0, x),
+            *_conv_arg(g_u_b, 3, x), *_conv_arg(weight_b, 2, x), *_conv_arg(bias_b, 1, x),
+            *_conv_arg(g_wb, 0, x), *_conv_arg(g_bb, 0, x),
+            CAUSAL=g_u_f is not None, ANTI=g_u_b is not None,
+            W_F=_conv_width(weight_f), W_B=_conv_width(weight_b),
+            HAS_BF=bias_f is not None, HAS_BB=bias_b is not None, ACT=activation,
+            BLOCK_L=block_l, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    cast = lambda g, p, absent: g.to(p.dtype) if p is not None else absent      # noqa: E731
+    return (g_x, cast(g_wf, weight_f, None), cast(g_bf, bias_f, _none_grad(x)),
+            cast(g_wb, weight_b, None), cast(g_bb, bias_b, _none_grad(x)))
+
+
+def _one_dir(reverse, weight, bias):
+    """A single direction's (weight, bias) in its place among (weight_f, bias_f, weight_b, bias_b)."""
+    return (None, None, weight, bias) if reverse else (weight, bias, None, None)
 
 
 @torch.library.custom_op("dis_scan::causal_conv1d_fwd", mutates_args=())
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool,
               activation: bool) -> torch.Tensor:
-    b, l, d = x.shape
-    out = _empty(x)
-    if out.numel() == 0:
-        return out
-    grid, block_l, block_c = _conv_grid(b, l, d)
-    _conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, out, l, d,
-        *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
-        W=weight.shape[1], DIR=1 if reverse else -1, HAS_BIAS=bias is not None, ACT=activation,
-        BLOCK_L=block_l, BLOCK_C=block_c, num_warps=NUM_WARPS)
-    return out
+    u_f, u_b = _conv_fwd_impl(x, *_one_dir(reverse, weight, bias), activation)
+    return u_b if reverse else u_f
 
 
 @_conv_fwd.register_fake
@@ -683,18 +797,9 @@ def _conv_fwd_fake(x, weight, bias, reverse, activation):
 @torch.library.custom_op("dis_scan::causal_conv1d_bwd", mutates_args=())
 def _conv_bwd(g_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
               reverse: bool, activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, l, d = x.shape
-    f32 = dict(dtype=torch.float32, device=x.device)
-    g_x = _empty(x)
-    g_w, g_b = torch.zeros(d, weight.shape[1], **f32), torch.zeros(d, **f32)
-    if g_x.numel() > 0:
-        grid, block_l, block_c = _conv_grid(b, l, d)
-        _conv_bwd_kernel[grid](
-            g_out, x, weight, bias if bias is not None else weight, g_x, g_w, g_b, l, d,
-            *g_out.stride(), *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
-            W=weight.shape[1], DIR=1 if reverse else -1, HAS_BIAS=bias is not None, ACT=activation,
-            BLOCK_L=block_l, BLOCK_C=block_c, num_warps=NUM_WARPS)
-    return g_x, g_w.to(weight.dtype), g_b.to(bias.dtype) if bias is not None else _none_grad(x)
+    g_u = (None, g_out) if reverse else (g_out, None)
+    g_x, g_wf, g_bf, g_wb, g_bb = _conv_bwd_impl(*g_u, x, *_one_dir(reverse, weight, bias), activation)
+    return (g_x, g_wb, g_bb) if reverse else (g_x, g_wf, g_bf)
 
 
 @_conv_bwd.register_fake
@@ -717,20 +822,65 @@ def _conv_backward(ctx, g_out):
 _conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
-def _conv_check(x, weight, bias):
-    """weight as (d, w); one clear error per problem."""
-    name = "causal_conv1d_triton"
+@torch.library.custom_op("dis_scan::causal_conv1d_bidir_fwd", mutates_args=())
+def _conv_bidir_fwd(x: torch.Tensor, weight_f: torch.Tensor, bias_f: Optional[torch.Tensor],
+                    weight_b: torch.Tensor, bias_b: Optional[torch.Tensor],
+                    activation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _conv_fwd_impl(x, weight_f, bias_f, weight_b, bias_b, activation)
+
+
+@_conv_bidir_fwd.register_fake
+def _conv_bidir_fwd_fake(x, weight_f, bias_f, weight_b, bias_b, activation):
+    return _empty(x), _empty(x)
+
+
+@torch.library.custom_op("dis_scan::causal_conv1d_bidir_bwd", mutates_args=())
+def _conv_bidir_bwd(g_u_f: Optional[torch.Tensor], g_u_b: Optional[torch.Tensor], x: torch.Tensor,
+                    weight_f: torch.Tensor, bias_f: Optional[torch.Tensor], weight_b: torch.Tensor,
+                    bias_b: Optional[torch.Tensor], activation: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _conv_bwd_impl(g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, activation)
+
+
+@_conv_bidir_bwd.register_fake
+def _conv_bidir_bwd_fake(g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, activation):
+    return (_empty(x), _empty(weight_f), _empty(bias_f) if bias_f is not None else _none_grad(x),
+            _empty(weight_b), _empty(bias_b) if bias_b is not None else _none_grad(x))
+
+
+def _conv_bidir_setup_context(ctx, inputs, output):
+    x, weight_f, bias_f, weight_b, bias_b, activation = inputs
+    ctx.save_for_backward(x, weight_f, bias_f, weight_b, bias_b)
+    ctx.activation = activation
+    # a loss that uses only one of u_f, u_b sends None for the other: the backward skips that direction
+    # rather than reading a materialised (b, l, d) tensor of zeros
+    ctx.set_materialize_grads(False)
+
+
+def _conv_bidir_backward(ctx, g_u_f, g_u_b):
+    x, weight_f, bias_f, weight_b, bias_b = ctx.saved_tensors
+    g_x, g_wf, g_bf, g_wb, g_bb = torch.ops.dis_scan.causal_conv1d_bidir_bwd(
+        g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, ctx.activation)
+    return (g_x, g_wf, g_bf if bias_f is not None else None, g_wb, g_bb if bias_b is not None else None,
+            None)
+
+
+_conv_bidir_fwd.register_autograd(_conv_bidir_backward, setup_context=_conv_bidir_setup_context)
+
+
+def _conv_check(x, weight, bias, name="causal_conv1d_triton", suffix=""):
+    """weight as (d, w); one clear error per problem. suffix names the direction's tensors (weight_f, ...)."""
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
         raise ValueError(f"{name}: x must be a (b, l, d) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     d = x.shape[2]
     if weight.ndim == 3 and weight.shape[1] == 1:
         weight = weight[:, 0]
     if weight.ndim != 2 or weight.shape[0] != d or weight.shape[1] < 1:
-        raise ValueError(f"{name}: weight must be (d, w) or (d, 1, w) with d = {d} and w >= 1, "
+        raise ValueError(f"{name}: weight{suffix} must be (d, w) or (d, 1, w) with d = {d} and w >= 1, "
                          f"got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (d,):
-        raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({d},)")
-    for what, t in (("x", x), ("weight", weight), ("bias", bias)):
+        raise ValueError(f"{name}: bias{suffix} has shape {tuple(bias.shape)}, expected ({d},)")
+    for what, t in (("x", x), ("weight" + suffix, weight), ("bias" + suffix, bias)):
         if t is not None and t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}: {what} is {t.dtype}; supported: float32, bfloat16, float16")
         if t is not None and t.device != x.device:
@@ -749,6 +899,16 @@ def causal_conv1d_triton(x, weight, bias=None, reverse=False, activation=True):
     Returns a new contiguous (b, l, d) tensor in x's dtype; differentiable in x, weight and bias."""
     weight = _conv_check(x, weight, bias)
     return torch.ops.dis_scan.causal_conv1d_fwd(x, weight, bias, bool(reverse), bool(activation))
+
+
+def causal_conv1d_bidir_triton(x, weight_f, bias_f, weight_b, bias_b, activation=True):
+    """Both convs of a bidirectional mixer in one launch: (u_f, u_b) = (causal_conv1d_triton(x, weight_f, bias_f),
+    causal_conv1d_triton(x, weight_b, bias_b, reverse=True)), with the same arguments' rules (the two widths
+    may differ), and one backward launch that writes x's gradient once."""
+    name = "causal_conv1d_bidir_triton"
+    weight_f = _conv_check(x, weight_f, bias_f, name, "_f")
+    weight_b = _conv_check(x, weight_b, bias_b, name, "_b")
+    return torch.ops.dis_scan.causal_conv1d_bidir_fwd(x, weight_f, bias_f, weight_b, bias_b, bool(activation))
 
 
 #################################################################################
@@ -992,11 +1152,11 @@ def bimamba_inner_fn(hidden, in_proj_weight, out_proj_weight, forward_params, ba
     direction's (conv weight (d_inner, 1, d_conv), conv bias, x_proj weight, dt_proj weight, dt_proj bias, A_log, D)."""
     xz = F.linear(hidden, in_proj_weight)                                             # (b, l, 2 d_inner)
     x, z = xz.chunk(2, dim=-1)                                                        # (b, l, d_inner) views
+    us = causal_conv1d_bidir_triton(x, *forward_params[:2], *backward_params[:2])     # 2 x (b, l, d_inner), SiLU'd
     y = None
-    for params, reverse in ((forward_params, False), (backward_params, True)):
-        conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D = params
+    for params, u, reverse in ((forward_params, us[0], False), (backward_params, us[1], True)):
+        _, _, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D = params
         dt_rank, n = dt_proj_weight.shape[1], A_log.shape[1]
-        u = causal_conv1d_triton(x, conv_weight, conv_bias, reverse=reverse)          # (b, l, d_inner), SiLU'd
         x_dbl = F.linear(u, x_proj_weight)                                            # (b, l, dt_rank + 2n)
         delta_low, B, C = x_dbl.split([dt_rank, n, n], dim=-1)   # views; one cat joins their gradients
         delta = F.linear(delta_low, dt_proj_weight)                                   # (b, l, d_inner)
