@@ -13,6 +13,7 @@ allocator's peak; on CPU the growth of the process's peak resident set, each cas
 Every row names the scan it runs (lean, ref, triton, mamba-ssm, stand-in): nothing picks a kernel behind
 its back. Rows that cannot run here (Triton off CUDA, mamba-ssm not installed) are skipped and listed.
 --profile writes torch.profiler's operator table (no traces) of 3 training steps after a warm-up.
+    python bench.py --check --device cuda    # every Triton path against the lean scan at DiS-S/2's real size
 """
 import argparse
 import importlib.util
@@ -437,6 +438,63 @@ def profile(args, device):
 
 
 #################################################################################
+#                          5. Fast paths against the readable one               #
+#################################################################################
+
+def max_rel_error(a, b):
+    """max |a - b| / max |b|: the error relative to the tensor's scale (0 for two zero tensors)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def check_paths(args, device):
+    """--check: every Triton path against the lean PyTorch one at the size given (default DiS-S/2's
+    CIFAR-10 step at batch 128): one scan (triton), and one whole block (triton, fused) under the precision
+    policy, output and every gradient; the worst error relative to each tensor's scale."""
+    rows = []
+    b, l, d = args.batch, (args.image_size // 2) ** 2 + 1, DiS.create_model(args.model).hidden_size
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):   # the scan alone, as the readable mixer calls it
+        x = {k: v.to(device) for k, v in zip("u delta z B C".split(), (torch.randn(b, 2 * d, l, generator=g),
+             torch.randn(b, 2 * d, l, generator=g) * 0.5 - 2, torch.randn(b, 2 * d, l, generator=g),
+             torch.randn(b, 16, l, generator=g), torch.randn(b, 16, l, generator=g)))}
+        x = {k: v.to(dtype).requires_grad_() for k, v in x.items()}
+        A = -torch.arange(1, 17, dtype=torch.float32, device=device).repeat(2 * d, 1)
+        D, bias = torch.ones(2 * d, device=device), torch.randn(2 * d, generator=g).to(device) * 0.1
+        g_out = torch.randn(b, 2 * d, l, generator=g).to(device, dtype)
+        results = {}
+        for backend in ("lean", "triton"):
+            out = DiS.selective_scan(x["u"], x["delta"], A, x["B"], x["C"], D, z=x["z"], delta_bias=bias,
+                                     delta_softplus=True, backend=backend)
+            results[backend] = [out] + list(torch.autograd.grad(out, list(x.values()), g_out))
+        names = ["out"] + [f"grad {k}" for k in x]
+        errors = [max_rel_error(a, r) for a, r in zip(results["triton"], results["lean"])]
+        worst = max(range(len(errors)), key=errors.__getitem__)
+        rows.append([f"scan ({b}, {2 * d}, {l}, 16), {str(dtype)[6:]} inputs", "triton",
+                     f"{errors[0]:.1e}", f"{max(errors[1:]):.1e}", names[worst]])
+    torch.manual_seed(0)
+    block = DiS.Block(d, n_layer=25, drop_prob=0.0, skip=False).to(device)   # a DiS-S/2 block
+    hidden, residual = (torch.randn(b, l, d, generator=g).to(device) for _ in range(2))
+    g_hidden, g_residual = (torch.randn(b, l, d, generator=g).to(device) for _ in range(2))
+    results = {}
+    for backend in ("lean", "triton", "fused"):
+        DiS.SCAN_BACKEND = backend
+        leaves = [hidden.clone().requires_grad_(), residual.clone().requires_grad_()]
+        with mixed_precision(device):
+            out_h, out_r = block(*leaves)
+        grads = torch.autograd.grad([out_h.float(), out_r], leaves + list(block.parameters()), [g_hidden, g_residual])
+        results[backend] = [out_h, out_r] + list(grads)
+    names = ["mixer output", "stream"] + ["grad hidden", "grad residual"] + [f"grad {n}" for n, _ in block.named_parameters()]
+    for backend in ("triton", "fused"):
+        errors = [max_rel_error(a, r) for a, r in zip(results[backend], results["lean"])]
+        worst = max(range(len(errors)), key=errors.__getitem__)
+        rows.append([f"{args.model} block, batch {b}, {l} tokens ({'bf16 autocast' if device.type == 'cuda' else 'float32'})",
+                     backend, f"{max(errors[:2]):.1e}", f"{max(errors[2:]):.1e}", names[worst]])
+    return table("Fast paths against the lean PyTorch scan (max |error| / max |lean value|, worst tensor)",
+                 ["case", "path", "output", "gradients", "worst"], rows)
+
+
+#################################################################################
 #                                 Tables                                        #
 #################################################################################
 
@@ -490,6 +548,8 @@ def main():
     g.add_argument("--num-classes", type=int, default=1000)
     g.add_argument("--compile", action="store_true", help="profile the torch.compile'd model")
     g.add_argument("--warmup", type=int, default=5, help="training steps before profiling")
+    p.add_argument("--check", action="store_true", help="instead of timing: every Triton path against the lean scan at "
+                   "--model's size (--batch, --image-size; patch 2), output and gradients")
     p.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -504,6 +564,13 @@ def main():
         fn = {"scan": scan_case, "model": model_case, "sample": sample_case}[c["kind"]]
         res = fn(*c["case"], device, args.repeats) if c["kind"] == "scan" else fn(c["case"], device, args.repeats)
         print(json.dumps(res))
+        return
+    if args.check:
+        text = check_paths(args, device)
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text)
         return
     if args.profile:
         profile(args, device)

@@ -1,10 +1,35 @@
 """
-The selective scan as Triton kernels: a drop-in for DiS.selective_scan on CUDA (and, slowly, on CPU
-through Triton's interpreter), with the same arguments, layouts and results for real A; and a token-major
-entry point that can also run the sequence backwards and add its result to another tensor, which is what
-the second direction of a bidirectional mixer needs.
+DiS's optional Triton kernels (CUDA; on a CPU only through Triton's interpreter, for tests). DiS.py imports
+this file only when DiS.SCAN_BACKEND asks for it, so DiS.py copied alone never needs it. Four parts:
 
-It follows mamba-ssm's CUDA kernels (csrc/selective_scan/selective_scan_fwd_kernel.cuh and
+  1. the selective scan: a drop-in for DiS.selective_scan (SCAN_BACKEND "triton"), and a token-major entry
+     point that can also walk the sequence backwards and add its result to another tensor
+  2. the depthwise causal conv + bias + SiLU of a Mamba mixer, token-major, with both directions of the
+     bidirectional mixer in one kernel (the backward direction as an anti-causal conv, no flips)
+  3. the residual add + drop-path + RMSNorm at the start of each block, in one kernel
+  4. bimamba_inner_fn: the whole bidirectional mixer from these kernels and ordinary matmuls (mamba-ssm's
+     mamba_inner_fn is the model), which with part 3 is SCAN_BACKEND "fused" (DiS.fused_block)
+Each kernel is a torch.library custom op with a fake implementation and its autograd, so that
+torch.compile(fullgraph=True) traces a whole training step without a graph break.
+
+Public API:
+    selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=32)
+        (b, d, l) layout, DiS.selective_scan's signature
+    selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             reverse=False, add=None, A_is_log=False, chunk=32)
+        (b, l, d) layout; returns a new contiguous (b, l, d) tensor
+    causal_conv1d_triton(x, weight, bias=None, reverse=False, activation=True)            x: (b, l, d)
+    causal_conv1d_bidir_triton(x, weight_f, bias_f, weight_b, bias_b, activation=True) -> (u_f, u_b)
+    add_rms_norm_triton(hidden, residual, weight, eps, scale=None, out_dtype=None) -> (normed, residual_out)
+    bimamba_inner_fn(hidden, in_proj_weight, out_proj_weight, forward_params, backward_params)
+    triton_scan_usable(u)   True where the kernels can run on u's device
+    INTERPRETED             True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)
+Custom ops (namespace dis_scan): selective_scan_fwd/bwd, causal_conv1d_fwd/bwd, causal_conv1d_bidir_fwd/bwd,
+add_rms_norm_fwd/bwd; the gradients of absent optional inputs come back as empty tensors of shape (0,).
+Every kernel reads its inputs through their strides: the token-major views the mixer makes (x and z as the
+halves of in_proj's output, B and C as column slices of x_proj's output) are never copied.
+
+The scan. It follows mamba-ssm's CUDA kernels (csrc/selective_scan/selective_scan_fwd_kernel.cuh and
 selective_scan_bwd_kernel.cuh): walk the sequence in chunks, keep the state on chip, save one state per
 chunk in the forward, and in the backward rerun each chunk from its saved state, last chunk first.
 The differences: mamba-ssm gives each (b, d) row a thread block and scans the tokens of a chunk in
@@ -36,24 +61,9 @@ at the original positions: flip(scan(flip(inputs))) along l); chunks are chunks 
               states to a small per-program workspace (b, d / BLOCK_D, CHUNK, BLOCK_D, n), then walk the
               chunk's steps backwards with the adjoint recurrence (below). add's gradient is g_out itself
               and needs no kernel.
-
-Public API:
-    selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=32)
-        (b, d, l) layout, DiS.selective_scan's signature
-    selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             reverse=False, add=None, chunk=32)
-        (b, l, d) layout; returns a new contiguous (b, l, d) tensor
-    triton_scan_usable(u)   True where the kernels can run on u's device
-    INTERPRETED             True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)
-and two custom ops, so that torch.compile(fullgraph=True) traces through without a graph break:
-    torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
-        reverse=False, add=None, token_major=False) -> (out, starts)
-    torch.ops.dis_scan.selective_scan_bwd(g_out, u, delta, A, B, C, D, z, delta_bias, starts, delta_softplus,
-        chunk, reverse=False, token_major=False) -> (g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_delta_bias)
-    token_major picks the layout of the activations (False, the ops' original convention: mamba-ssm's
-    (b, d, l)); outputs and gradients
-    of activations are new (b, l, d) / (b, l, n) tensors, returned as (b, d, l) / (b, n, l) transposed views
-    when token_major is False. The gradients of absent optional inputs come back as empty tensors of shape (0,).
+The scan's ops take token_major (False: mamba-ssm's (b, d, l) layout, whose outputs and gradients are
+transposed views of new (b, l, d) / (b, l, n) tensors) and A_is_log (A holds Mamba's A_log; the kernels use
+A = -exp(A_log), so the mixer needs no kernels of its own for it).
 
 Triton runs on the CPU only through its interpreter: set TRITON_INTERPRET=1 before triton is first
 imported (by anything: importing torch._dynamo does it) and leave it set; triton.jit reads it when the
@@ -67,8 +77,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["selective_scan_triton", "selective_scan_triton_tm", "causal_conv1d_triton", "causal_conv1d_bidir_triton", "add_rms_norm_triton",
-           "bimamba_inner_fn", "triton_scan_usable", "INTERPRETED", "CHUNK", "BLOCK_D"]
+__all__ = ["selective_scan_triton", "selective_scan_triton_tm", "causal_conv1d_triton", "causal_conv1d_bidir_triton",
+           "add_rms_norm_triton", "bimamba_inner_fn", "triton_scan_usable", "INTERPRETED", "CHUNK", "BLOCK_D"]
 
 CHUNK = 32      # steps per chunk: one saved state each, and the backward workspace holds one chunk
 BLOCK_D = 32    # channels per program; a (BLOCK_D, n) float32 state tile stays in registers
@@ -914,6 +924,35 @@ def causal_conv1d_bidir_triton(x, weight_f, bias_f, weight_b, bias_b, activation
 #################################################################################
 #                        Add + RMSNorm kernels                                  #
 #################################################################################
+# These kernels replace the start of DiS.Block.forward:
+#
+#     residual = hidden.float() if residual is None else residual + drop_path(hidden, prob, training).float()
+#     normed = nn.RMSNorm(d, eps)(residual.to(norm.weight.dtype))      # float32 weight, float32 math
+#
+# with one kernel that reads hidden and residual once and writes the float32 stream and the normed rows:
+#
+#     residual_out = residual + scale[b] * hidden          (float32; residual None: scale[b] * hidden)
+#     normed       = residual_out * rsqrt(mean_d(residual_out^2) + eps) * weight     (stored in out_dtype)
+#
+# scale is drop-path's per-sample factor keep[b] / (1 - prob), 0 or 1 / (1 - prob), drawn by the caller
+# (None: 1). Everything is computed in float32 and only the stored normed is rounded, as the readable path
+# does (its RMSNorm runs in float32 on the float32 stream; autocast casts the result at the mixer's Linear).
+# The readable drop_path multiplies in hidden's dtype first; here the product is float32, slightly closer.
+#
+# Layouts: hidden (b, l, d) float32 / bfloat16 / float16, residual (b, l, d) float32 or None, weight (d,)
+# float32, scale (b,) float32 or None. hidden and residual may have any strides over b and l; their last
+# dimension should have unit stride (otherwise the op copies it to a contiguous tensor first). The outputs
+# are new contiguous tensors.
+#
+# Backward, per row with x = residual_out, rstd = rsqrt(mean(x^2) + eps), xhat = x * rstd, gy = g_normed:
+#     g_weight  = sum over rows of gy * xhat
+#     g_x       = rstd * (gy * weight - xhat * mean_d(gy * weight * xhat))       (RMSNorm's backward)
+#     g_total   = g_x + g_residual_out                  (the stream also flows on to the next block)
+#     g_residual = g_total (float32),   g_hidden = scale[b] * g_total (hidden's dtype)
+# rstd is recomputed from the saved residual_out (the row is loaded anyway), so the forward saves nothing
+# beyond the stream it returns. g_weight: each backward program sums its rows in registers and writes one
+# partial row; torch sums the partials (deterministic, unlike atomics, and with no contention on d floats).
+#
 # One row = one token (b, l) with its d channels; BLOCK_D = next_power_of_2(d) and a column mask. Masked
 # columns load as 0, so they add nothing to the sums of squares or to any gradient. Row offsets are int64:
 # b * l * d can pass 2**31.

@@ -2,6 +2,7 @@
 Under DIS_CI=1 a test that would skip for a missing optional package fails instead (CUDA and mamba-ssm excepted)."""
 import gzip
 import importlib
+import itertools
 import math
 import os
 import shutil
@@ -11,6 +12,8 @@ import time
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     # The Triton scan runs on a CPU only in Triton's interpreter, which must be on before triton is first
@@ -387,7 +390,7 @@ def test_triton_scan_zero_stride_grad_and_saved_memory(st):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         out = st.selective_scan_triton(**x, delta_softplus=True, chunk=chunk)
     out.sum().backward()
-    ref, ref_grads = _reference({k: v.detach() for k, v in x.items()}, True, torch.ones(b, d, l))
+    ref, ref_grads = _reference({k: v.detach() for k, v in x.items()}, True, torch.ones(b, d, l, device=TRITON_DEVICE))
     for k, v in x.items():
         _assert_close(v.grad, ref_grads[k], 1e-4, f"grad of {k}")
     assert torch.Size([b, l // chunk, d, n]) in saved
@@ -450,6 +453,933 @@ def test_triton_backend_in_a_compiled_mixer(st, monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- The token-major scan (scan_triton.selective_scan_triton_tm) ----
+# The (b, l, d) entry point the mixer calls: strided views of u, z, B, C, reverse scans, and add (the second
+# direction adding into the first's output), against the float64 reference.
+
+TM_ACTIVATIONS = ("u", "delta", "B", "C", "z")   # the (b, ., l) tensors, flipped along l for a reverse scan
+TM_R = 3                                          # dt_rank: the columns in front of B and C in the mixer's x_dbl
+
+
+def _tm_flip(x):
+    return {k: v.flip(-1) if k in TM_ACTIVATIONS else v for k, v in x.items()}
+
+
+def _tm_expected(x, softplus, g_out, reverse=False):
+    """The float64 reference output and gradients, (b, d, l) layout; for reverse flip(ref(flip(inputs)))."""
+    if not reverse:
+        return _reference(x, softplus, g_out)
+    out, grads = _reference(_tm_flip(x), softplus, g_out.flip(-1))
+    return out.flip(-1), _tm_flip(grads)
+
+
+def _tm_run(st, x, softplus, g_out, **kw):
+    """Run selective_scan_triton_tm on x's (b, d, l) tensors laid out as in the mixer: u and z the halves of
+    one (b, l, 2d) tensor, B and C column slices of one (b, l, TM_R + 2n) tensor, delta a (b, l, d) view of a
+    (b, d, l) tensor (unit token stride). Returns the output and the gradients, both in x's (b, d, l) layout."""
+    b, d, l = x["u"].shape
+    n = x["A"].shape[1]
+    tm = lambda v: v.transpose(1, 2)
+    uz = torch.cat([tm(x["u"]), tm(x["z"]) if "z" in x else torch.zeros_like(tm(x["u"]))], -1)
+    pad = torch.zeros(b, l, TM_R, dtype=x["B"].dtype, device=TRITON_DEVICE)
+    x_dbl = torch.cat([pad, tm(x["B"]), tm(x["C"])], -1)
+    leaves = {"uz": uz, "x_dbl": x_dbl, "delta": x["delta"]}
+    leaves.update({k: x[k] for k in ("A", "D", "delta_bias") if k in x})
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    uz, x_dbl = leaves["uz"], leaves["x_dbl"]
+    out = st.selective_scan_triton_tm(
+        uz[..., :d], tm(leaves["delta"]), leaves["A"], x_dbl[..., TM_R:TM_R + n], x_dbl[..., TM_R + n:],
+        D=leaves.get("D"), z=uz[..., d:] if "z" in x else None, delta_bias=leaves.get("delta_bias"),
+        delta_softplus=softplus, **kw)
+    assert out.shape == (b, l, d) and out.is_contiguous() and out.dtype == x["u"].dtype
+    g = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), tm(g_out).to(out.dtype))))
+    grads = {"u": tm(g["uz"][..., :d]), "delta": g["delta"], "B": tm(g["x_dbl"][..., TM_R:TM_R + n]),
+             "C": tm(g["x_dbl"][..., TM_R + n:]), "z": tm(g["uz"][..., d:])}
+    grads.update({k: g[k] for k in ("A", "D", "delta_bias") if k in g})
+    return tm(out), {k: grads[k] for k in x}
+
+
+def _tm_g_out(b, d, l, dtype=torch.float32):
+    return torch.randn(b, d, l, generator=torch.Generator().manual_seed(1)).to(dtype).to(TRITON_DEVICE)
+
+
+# (b, d, n, l, chunk, optional inputs given, delta_softplus, reverse): l in {1, 7, 23} with ragged last chunks,
+# d = 5 (masked channels), d = 40 (two channel blocks, the second ragged)
+TM_CASES = [
+    (2, 5, 3, 1, 4, OPTIONAL, True, False),
+    (2, 5, 3, 7, 3, (), False, True),
+    (1, 40, 4, 23, 8, OPTIONAL, True, False),
+    (1, 40, 4, 23, 5, OPTIONAL, True, True),
+    (2, 5, 2, 23, 8, ("z", "delta_bias"), False, True),
+    (1, 40, 2, 7, 4, ("D",), True, False),
+]
+
+
+@pytest.mark.parametrize("b,d,n,l,chunk,given,softplus,reverse", TM_CASES)
+def test_triton_scan_tm_strided_matches_reference_fp32(st, b, d, n, l, chunk, given, softplus, reverse):
+    """Strided token-major inputs, both directions: output and every gradient equal the float64 reference."""
+    x = {k: v for k, v in _scan_inputs(b, d, n, l).items() if k not in OPTIONAL or k in given}
+    g_out = _tm_g_out(b, d, l)
+    out, grads = _tm_run(st, x, softplus, g_out, reverse=reverse, chunk=chunk)
+    ref, ref_grads = _tm_expected(x, softplus, g_out, reverse)
+    _assert_close(out, ref, 1e-4, "out")
+    for k in x:
+        assert grads[k].dtype == x[k].dtype, k
+        _assert_close(grads[k], ref_grads[k], 1e-4, f"grad of {k}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_scan_tm_direction(st, reverse):
+    """A scan sees only the tokens before it (after it when reverse): change the first or the last token's u."""
+    b, d, n, l = 1, 4, 2, 6
+    x = _scan_inputs(b, d, n, l)
+    tm = {k: v.transpose(1, 2) if k in TM_ACTIVATIONS else v for k, v in x.items()}
+    run = lambda u: st.selective_scan_triton_tm(**{**tm, "u": u}, delta_softplus=True, reverse=reverse, chunk=4)
+    out = run(tm["u"])
+    first, last = tm["u"].clone(), tm["u"].clone()
+    first[:, 0] += 1.0
+    last[:, -1] += 1.0
+    out_first, out_last = run(first), run(last)
+    seen, unseen = (out_last[:, 0], out_first[:, -1]) if reverse else (out_first[:, -1], out_last[:, 0])
+    assert not torch.equal(seen, out[:, 0 if reverse else -1])
+    assert torch.equal(unseen, out[:, -1 if reverse else 0])
+
+
+def test_triton_scan_tm_add_both_directions(st):
+    """The second direction adds into the first's output: out == add + scan, add's gradient is g_out, and
+    the chain's gradients equal those of the two scans summed outside."""
+    b, d, n, l = 2, 6, 3, 9
+    x = _scan_inputs(b, d, n, l)
+    tm = {k: v.transpose(1, 2) if k in TM_ACTIVATIONS else v for k, v in x.items()}
+    g_out = _tm_g_out(b, l, d)
+    kw = dict(delta_softplus=True, chunk=4)
+
+    def grads_of(fn):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in tm.items()}
+        out = fn(leaves)
+        return out, torch.autograd.grad(out, list(leaves.values()), g_out)
+
+    fused, g_fused = grads_of(lambda v: st.selective_scan_triton_tm(
+        **v, reverse=True, add=st.selective_scan_triton_tm(**v, **kw), **kw))
+    apart, g_apart = grads_of(lambda v: st.selective_scan_triton_tm(**v, **kw)
+                              + st.selective_scan_triton_tm(**v, reverse=True, **kw))
+    torch.testing.assert_close(fused, apart, rtol=1e-6, atol=1e-6)
+    for k, a, e in zip(tm, g_fused, g_apart):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=k)
+
+    add = torch.randn(b, l, d, device=TRITON_DEVICE, requires_grad=True)   # only add needs a gradient
+    out = st.selective_scan_triton_tm(**tm, add=add, **kw)
+    torch.testing.assert_close(out, add.detach() + st.selective_scan_triton_tm(**tm, **kw), rtol=1e-6, atol=1e-6)
+    out.backward(g_out)
+    assert torch.equal(add.grad, g_out)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_scan_tm_bf16_inputs(st, reverse):
+    """bf16 activations (and a bf16 add) with float32 A, D, delta_bias: each result in its input's dtype."""
+    b, d, n, l = 2, 8, 4, 13
+    x = _scan_inputs(b, d, n, l, dtype=torch.bfloat16, param_dtype=torch.float32)
+    g_out = _tm_g_out(b, d, l, torch.bfloat16)
+    out, grads = _tm_run(st, x, True, g_out, reverse=reverse, chunk=4)
+    ref, ref_grads = _tm_expected(x, True, g_out, reverse)
+    assert out.dtype == torch.bfloat16
+    _assert_close(out, ref, 1e-2, "out")
+    for k in x:
+        assert grads[k].dtype == x[k].dtype, k
+        _assert_close(grads[k], ref_grads[k], 1e-2, f"grad of {k}")
+
+    tm = {k: v.transpose(1, 2) if k in TM_ACTIVATIONS else v for k, v in x.items()}
+    add = torch.randn(b, l, d, device=TRITON_DEVICE).bfloat16().requires_grad_()
+    out = st.selective_scan_triton_tm(**tm, add=add, delta_softplus=True, reverse=reverse, chunk=4)
+    assert out.dtype == torch.bfloat16
+    _assert_close(out, add.double() + ref.transpose(1, 2), 1e-2, "out with add")
+    out.backward(g_out.transpose(1, 2))
+    assert add.grad.dtype == torch.bfloat16 and torch.equal(add.grad, g_out.transpose(1, 2))
+
+
+def test_triton_scan_tm_zero_stride_grad_and_saved_memory(st):
+    """out.sum() sends an expanded (zero-stride) gradient; autograd keeps nothing of size (b, l, d, n)."""
+    b, d, n, l, chunk = 2, 8, 16, 24, 8
+    x = _scan_inputs(b, d, n, l)
+    leaves = {k: v.transpose(1, 2).detach().requires_grad_() if k in TM_ACTIVATIONS else v.requires_grad_()
+              for k, v in x.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = st.selective_scan_triton_tm(**leaves, delta_softplus=True, reverse=True, chunk=chunk,
+                                          add=torch.zeros(b, l, d, device=TRITON_DEVICE))
+    out.sum().backward()
+    ref, ref_grads = _tm_expected(x, True, torch.ones(b, d, l, device=TRITON_DEVICE), reverse=True)
+    for k, v in leaves.items():
+        _assert_close(v.grad.transpose(1, 2) if k in TM_ACTIVATIONS else v.grad, ref_grads[k], 1e-4,
+                      f"grad of {k}")
+    assert torch.Size([b, l // chunk, d, n]) in saved
+    assert max(s.numel() for s in saved) <= max(b * d * l, b * (l // chunk) * d * n) < b * l * d * n
+
+
+def _tm_strided_op_args(b, d, n, l):
+    """Token-major op inputs as strided views (as in the mixer): u, z halves of (b, l, 2d), B, C slices."""
+    x = _scan_inputs(b, d, n, l)
+    uz = torch.cat([x["u"], x["z"]], 1).transpose(1, 2).contiguous().requires_grad_()
+    x_dbl = torch.cat([torch.zeros(b, TM_R, l, device=TRITON_DEVICE), x["B"], x["C"]], 1)
+    x_dbl = x_dbl.transpose(1, 2).contiguous().requires_grad_()
+    delta = x["delta"].transpose(1, 2).contiguous().requires_grad_()
+    A, D, bias = (x[k].requires_grad_() for k in ("A", "D", "delta_bias"))
+    add = torch.randn(b, l, d, device=TRITON_DEVICE, requires_grad=True)
+    return (uz[..., :d], delta, A, x_dbl[..., TM_R:TM_R + n], x_dbl[..., TM_R + n:], D, uz[..., d:], bias, True,
+            3, True, add, True)
+
+
+def test_triton_scan_tm_opcheck(st):
+    """torch.library.opcheck of the token-major forward and backward ops on strided views and a zero-stride
+    gradient; the forward's output and saved chunk states have the expected shapes."""
+    b, d, n, l = 1, 4, 2, 5
+    args = _tm_strided_op_args(b, d, n, l)
+    torch.library.opcheck(torch.ops.dis_scan.selective_scan_fwd.default, args)
+    out, starts = torch.ops.dis_scan.selective_scan_fwd(*args)
+    assert out.shape == (b, l, d) and out.is_contiguous() and starts.shape == (b, 2, d, n)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    g_out = torch.randn(1, 1, d, device=TRITON_DEVICE).expand(b, l, d)          # zero strides
+    torch.library.opcheck(torch.ops.dis_scan.selective_scan_bwd.default,
+                          (g_out, *detached[:8], starts.detach(), True, 3, True, True))
+
+
+def test_triton_scan_tm_compiles_without_graph_break(st):
+    """Both directions of a mixer, the second adding into the first, compiled whole: equals eager."""
+    args = _tm_strided_op_args(2, 6, 3, 9)
+    u, delta, A, B, C, D, z, bias = args[:8]
+    leaves = [t.detach().clone().requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
+    g_out = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
+
+    def f(u, delta, A, B, C, D, z, bias):
+        fwd = st.selective_scan_triton_tm(u.sin(), delta, A, B, C, D, z, bias, True, chunk=4)
+        return st.selective_scan_triton_tm(u, delta, A, B, C, D, z, bias, True, reverse=True, add=fwd, chunk=4) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, f):
+        out = fn(*leaves)
+        results.append((out, torch.autograd.grad(out, leaves, g_out)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for a, e in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_scan_tm_rejects_bad_inputs(st):
+    """Each bad argument raises the right error type with a one-line message naming the function and argument."""
+    x = _scan_inputs(1, 4, 2, 5)
+    tm = {k: v.transpose(1, 2) if k in TM_ACTIVATIONS else v for k, v in x.items()}
+    bad = [
+        (TypeError, "u is torch.float64", {"u": tm["u"].double()}),
+        (TypeError, "A is torch.complex64", {"A": torch.complex(x["A"], x["A"])}),
+        (ValueError, r"B has shape \(1, 4, 2\), expected \(1, 5, 2\)", {"B": x["B"][:, :, :4].transpose(1, 2)}),
+        (ValueError, r"z has shape \(1, 4, 5\), expected \(1, 5, 4\)", {"z": x["z"]}),
+        (ValueError, r"add has shape \(1, 5, 3\)", {"add": tm["u"][..., :3]}),
+        (ValueError, r"D has shape \(5,\), expected \(4,\)", {"D": torch.zeros(5, device=TRITON_DEVICE)}),
+        (ValueError, "C is on meta", {"C": tm["C"].to("meta")}),
+        (ValueError, "u must be", {"u": tm["u"][0]}),
+        (ValueError, "chunk must be", {"chunk": 0}),
+    ]
+    for error, message, change in bad:
+        with pytest.raises(error, match="^selective_scan_triton_tm: " + message) as info:
+            st.selective_scan_triton_tm(**{**tm, **change})
+        assert "\n" not in str(info.value)
+
+
+# ---- The causal conv (scan_triton.causal_conv1d_triton) ----
+# The depthwise causal (or reverse) conv1d + bias + SiLU on token-major x, against nn.Conv1d in float64. Most
+# tests shrink the blocks so that tiny shapes still span several token and channel blocks (halos across
+# blocks, ragged last blocks).
+
+@pytest.fixture
+def conv_small_blocks(st, monkeypatch):
+    """BLOCK_L 8, BLOCK_C 32: l = 19 is three token blocks, d = 40 two channel blocks (the last ragged)."""
+    monkeypatch.setattr(st, "CONV_BLOCK_L", 8)
+    monkeypatch.setattr(st, "CONV_BLOCK_D", 32)
+
+
+def _conv_inputs(b, l, d, w, has_bias=True, dtype=torch.float32, param_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, d, generator=g)
+    weight = torch.randn(d, w, generator=g) * 0.5
+    bias = torch.randn(d, generator=g) * 0.3 if has_bias else None
+    g_out = torch.randn(b, l, d, generator=g)
+    pdt = param_dtype or dtype
+    cast = lambda t, dt: t.to(dt).to(TRITON_DEVICE) if t is not None else None
+    return cast(x, dtype), cast(weight, pdt), cast(bias, pdt), cast(g_out, dtype)
+
+
+def _conv_run(st, x, weight, bias, g_out, **kw):
+    """Output and the gradients (x, weight[, bias]) of the kernel for the upstream gradient g_out."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    out = st.causal_conv1d_triton(leaves[0], leaves[1], leaves[2] if bias is not None else None, **kw)
+    return out, torch.autograd.grad(out, leaves, g_out.to(out.dtype))
+
+
+def _conv_reference(x, weight, bias, g_out, reverse=False, activation=True):
+    """nn.Conv1d padded by w-1 and sliced to the first l outputs (+ SiLU), in float64; for reverse the same
+    conv on the flipped sequence, flipped back. Returns out and the gradients (x, weight[, bias])."""
+    b, l, d = x.shape
+    w = weight.shape[-1]
+    conv = nn.Conv1d(d, d, w, groups=d, padding=w - 1, bias=bias is not None, dtype=torch.float64,
+                     device=x.device)
+    with torch.no_grad():
+        conv.weight.copy_(weight.reshape(d, 1, w).double())
+        if bias is not None:
+            conv.bias.copy_(bias.double())
+    xr = x.detach().double().requires_grad_()
+    seq = xr.flip(1) if reverse else xr
+    pre = conv(seq.transpose(1, 2))[..., :l].transpose(1, 2)
+    pre = pre.flip(1) if reverse else pre
+    out = F.silu(pre) if activation else pre
+    params = [xr, conv.weight] + ([conv.bias] if bias is not None else [])
+    grads = torch.autograd.grad(out, params, g_out.double())
+    return out, (grads[0], grads[1].reshape(weight.shape)) + tuple(grads[2:])
+
+
+def _conv_check(st, x, weight, bias, g_out, rel, reverse, activation, what=""):
+    out, grads = _conv_run(st, x, weight, bias, g_out, reverse=reverse, activation=activation)
+    ref, ref_grads = _conv_reference(x, weight, bias, g_out, reverse, activation)
+    assert out.dtype == x.dtype and out.is_contiguous()
+    _assert_close(out, ref, rel, f"out {what}")
+    for name, t, gr, gref in zip(("x", "weight", "bias"), (x, weight, bias), grads, ref_grads):
+        assert gr.dtype == t.dtype and gr.shape == t.shape, name
+        _assert_close(gr, gref, rel, f"grad of {name} {what}")
+
+
+# every (l, d, w); each w meets each (bias, activation) pair once per two l's; both directions per case
+CONV_CASES = [(l, d, w, *ba) for (l, d, w), ba in zip(itertools.product((1, 3, 7, 19), (5, 40), (4, 2)),
+                                                     itertools.cycle(itertools.product((True, False), repeat=2)))]
+
+
+@pytest.mark.parametrize("l,d,w,has_bias,activation", CONV_CASES)
+def test_triton_conv_matches_conv1d_fp32(st, conv_small_blocks, l, d, w, has_bias, activation):
+    """Both directions, with and without bias and SiLU: output and gradients equal nn.Conv1d's in float64."""
+    x, weight, bias, g_out = _conv_inputs(2, l, d, w, has_bias)
+    for reverse in (False, True):
+        _conv_check(st, x, weight, bias, g_out, 1e-5, reverse, activation, f"reverse={reverse}")
+
+
+@pytest.mark.parametrize("w", [1, 3, 8])
+def test_triton_conv_other_widths_and_conv1d_weight_shape(st, monkeypatch, w):
+    """w from 1 to 8, given as nn.Conv1d's (d, 1, w) weight; BLOCK_L 4 < w - 1: halos span two blocks."""
+    monkeypatch.setattr(st, "CONV_BLOCK_L", 4)
+    monkeypatch.setattr(st, "CONV_BLOCK_D", 8)
+    x, weight, bias, g_out = _conv_inputs(1, 11, 10, w)
+    for reverse in (False, True):
+        _conv_check(st, x, weight.reshape(10, 1, w), bias, g_out, 1e-5, reverse, True, f"reverse={reverse}")
+
+
+def test_triton_conv_default_blocks(st):
+    """The default block sizes, with l and d spanning two token and two channel blocks."""
+    x, weight, bias, g_out = _conv_inputs(1, st.CONV_BLOCK_L + 5, st.CONV_BLOCK_D + 3, 4)
+    for reverse in (False, True):
+        _conv_check(st, x, weight, bias, g_out, 1e-5, reverse, True, f"reverse={reverse}")
+
+
+@pytest.mark.parametrize("half", [0, 1])
+def test_triton_conv_strided_view_and_zero_stride_grad(st, conv_small_blocks, half):
+    """x is one half of a (b, l, 2d) tensor (a view, never copied: autograd saves that very view and nothing
+    but x, weight, bias); out.sum() sends an expanded, zero-stride gradient."""
+    b, l, d, w = 2, 19, 40, 4
+    full, weight, bias, _ = _conv_inputs(b, l, 2 * d, w)
+    weight, bias = weight[:d], bias[:d]
+    for reverse in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (full, weight, bias)]
+        x = leaves[0][..., half * d:(half + 1) * d]
+        assert x.stride() == (l * 2 * d, 2 * d, 1)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = st.causal_conv1d_triton(x, leaves[1], leaves[2], reverse=reverse)
+        assert len(saved) == 3 and any(s.data_ptr() == x.data_ptr() and s.stride() == x.stride() for s in saved)
+        out.sum().backward()
+        ref, ref_grads = _conv_reference(x.detach(), weight, bias, torch.ones(b, l, d, device=TRITON_DEVICE),
+                                         reverse)
+        _assert_close(out, ref, 1e-5, "out")
+        g_full = leaves[0].grad
+        _assert_close(g_full[..., half * d:(half + 1) * d], ref_grads[0], 1e-5, "grad of x")
+        assert (g_full[..., (1 - half) * d:(2 - half) * d] == 0).all()
+        _assert_close(leaves[1].grad, ref_grads[1], 1e-5, "grad of weight")
+        _assert_close(leaves[2].grad, ref_grads[2], 1e-5, "grad of bias")
+        # the backward op itself, given an expanded gradient and the strided x, equals a dense call
+        ones = torch.ones((), device=TRITON_DEVICE).expand(b, l, d)
+        assert ones.stride() == (0, 0, 0)
+        args = (x.detach(), weight, bias, reverse, True)
+        dense = torch.ops.dis_scan.causal_conv1d_bwd(ones.contiguous(), x.detach().contiguous(), *args[1:])
+        for a, e in zip(torch.ops.dis_scan.causal_conv1d_bwd(ones, *args), dense):
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("w", [4, 2])
+def test_triton_conv_causality(st, monkeypatch, w):
+    """Causal: token j changes the outputs at t in [j, j + w - 1] only; reverse: at t in [j - w + 1, j] only."""
+    monkeypatch.setattr(st, "CONV_BLOCK_L", 4)
+    l, d = 12, 3
+    x, weight, bias, _ = _conv_inputs(1, l, d, w)
+    for reverse, j in itertools.product((False, True), (0, 5, l - 1)):
+        x2 = x.clone()
+        x2[:, j] += 1.0
+        out, out2 = (st.causal_conv1d_triton(v, weight, bias, reverse=reverse) for v in (x, x2))
+        changed = set((out2 - out).abs().amax(dim=(0, 2)).nonzero().flatten().tolist())
+        lo, hi = (j - w + 1, j) if reverse else (j, j + w - 1)
+        assert changed == set(range(max(lo, 0), min(hi, l - 1) + 1)), (reverse, j, changed)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
+def test_triton_conv_bf16_inputs(st, conv_small_blocks, param_dtype):
+    """bf16 x (and bf16 or float32 weight, bias): computed in float32, so only the rounding of the stored
+    results differs from the float64 reference of the same input values; dtypes follow the inputs."""
+    x, weight, bias, g_out = _conv_inputs(2, 19, 40, 4, dtype=torch.bfloat16, param_dtype=param_dtype)
+    for reverse in (False, True):
+        _conv_check(st, x, weight, bias, g_out, 1e-2, reverse, True, f"reverse={reverse}")
+
+
+def test_triton_conv_empty_inputs(st):
+    """b = 0 or l = 0: empty output and x gradient of the right shapes, zero weight and bias gradients."""
+    for b, l in ((0, 5), (2, 0)):
+        x, weight, bias, g_out = _conv_inputs(b, l, 4, 3)
+        out, grads = _conv_run(st, x, weight, bias, g_out)
+        assert out.shape == (b, l, 4) and grads[0].shape == x.shape
+        assert (grads[1] == 0).all() and (grads[2] == 0).all()
+
+
+def test_triton_conv_opcheck(st, conv_small_blocks):
+    """torch.library.opcheck of the forward and backward ops on a strided x, with and without bias; without
+    bias the backward returns an empty bias gradient."""
+    full, weight, bias, g_out = _conv_inputs(1, 5, 8, 3)
+    x = full[..., 2:6]                       # a strided view
+    weight, bias, g_out = weight[:4], bias[:4], g_out[..., :4]
+    for b_, reverse in ((bias, False), (None, True)):
+        args = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, b_)]
+        torch.library.opcheck(torch.ops.dis_scan.causal_conv1d_fwd.default, (*args, reverse, True))
+        torch.library.opcheck(torch.ops.dis_scan.causal_conv1d_bwd.default,
+                              (g_out, x, weight, b_, reverse, not reverse))
+    g_b = torch.ops.dis_scan.causal_conv1d_bwd(g_out, x, weight, None, False, True)[2]
+    assert g_b.shape == (0,)
+
+
+def test_triton_conv_compiles_without_graph_break(st, conv_small_blocks):
+    """Two chained convs (causal, then reverse without bias and SiLU) compiled whole: equal eager."""
+    x, weight, bias, g_out = _conv_inputs(2, 9, 6, 4)
+    weight = weight.reshape(6, 1, 4)
+
+    def f(x, weight, bias):
+        y = st.causal_conv1d_triton(x.sin(), weight, bias)
+        return st.causal_conv1d_triton(y, weight, None, reverse=True, activation=False) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, f):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = fn(*leaves)
+        results.append((out, torch.autograd.grad(out, leaves, g_out)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for a, e in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_conv_rejects_bad_inputs(st):
+    """Each bad argument raises the right error type with a one-line message naming the function."""
+    x, weight, bias, _ = _conv_inputs(1, 5, 4, 3)
+    bad = [
+        (ValueError, dict(x=x[0])),                                  # x not 3-d
+        (ValueError, dict(weight=weight[:3])),                       # weight for another d
+        (ValueError, dict(weight=weight[:, None].expand(4, 2, 3))),  # (d, 2, w)
+        (ValueError, dict(weight=weight[:, :0])),                    # w = 0
+        (ValueError, dict(bias=bias[:3])),
+        (TypeError, dict(x=x.double())),
+        (TypeError, dict(weight=weight.double())),
+        (TypeError, dict(bias=bias.to(torch.int32))),
+        (ValueError, dict(weight=weight.to("meta"))),                # another device
+    ]
+    for error, change in bad:
+        kw = dict(x=x, weight=weight, bias=bias)
+        kw.update(change)
+        with pytest.raises(error, match="^causal_conv1d_triton: ") as info:
+            st.causal_conv1d_triton(**kw)
+        assert "\n" not in str(info.value)
+
+
+# ---- Both conv directions in one kernel (scan_triton.causal_conv1d_bidir_triton) ----
+# The bidirectional mixer's two convs in one launch (dis_scan::causal_conv1d_bidir_fwd/bwd), against two
+# single-direction float64 references (_conv_reference); blocks shrunk as above.
+
+def _bidir_inputs(b, l, d, w_f, w_b, bias_f=True, bias_b=True, dtype=torch.float32, param_dtype=None, seed=0):
+    """x as the first half of a (b, l, 2d) tensor (a strided view), the two directions' parameters and two
+    upstream gradients."""
+    g = torch.Generator().manual_seed(seed)
+    pdt = param_dtype or dtype
+    cast = lambda t, dt: t.to(dt).to(TRITON_DEVICE) if t is not None else None      # noqa: E731
+    full = cast(torch.randn(b, l, 2 * d, generator=g), dtype)
+    params = [torch.randn(d, w_f, generator=g) * 0.5, torch.randn(d, generator=g) * 0.3 if bias_f else None,
+              torch.randn(d, w_b, generator=g) * 0.5, torch.randn(d, generator=g) * 0.3 if bias_b else None]
+    g_u = [cast(torch.randn(b, l, d, generator=g), dtype) for _ in range(2)]
+    return full[..., :d], [cast(p, pdt) for p in params], g_u
+
+
+def _bidir_reference(x, params, g_u, activation):
+    """(u_f, u_b) and the gradients (x, weight_f, bias_f, weight_b, bias_b; None for a bias not given) from two
+    single-direction references; a None upstream gradient counts as zeros."""
+    weight_f, bias_f, weight_b, bias_b = params
+    g_u = [g if g is not None else torch.zeros(x.shape, dtype=torch.float64, device=x.device) for g in g_u]
+    u_f, (gx_f, gw_f, *gb_f) = _conv_reference(x, weight_f, bias_f, g_u[0], False, activation)
+    u_b, (gx_b, gw_b, *gb_b) = _conv_reference(x, weight_b, bias_b, g_u[1], True, activation)
+    return (u_f, u_b), (gx_f + gx_b, gw_f, gb_f[0] if gb_f else None, gw_b, gb_b[0] if gb_b else None)
+
+
+def _bidir_check(st, x, params, g_u, rel, activation=True, what=""):
+    """The bidirectional op through autograd (leaves: x's (b, l, 2d) base and the parameters; only the outputs
+    whose g_u is not None enter the loss) against the references."""
+    d = x.shape[2]
+    base = x._base.detach().clone().requires_grad_()                 # x = base[..., :d], see _bidir_inputs
+    xv = base[..., :d]
+    leaves = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
+    u = st.causal_conv1d_bidir_triton(xv, *leaves, activation=activation)
+    used = [(o, g.to(o.dtype)) for o, g in zip(u, g_u) if g is not None]
+    torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+    ref_u, ref_g = _bidir_reference(x, params, g_u, activation)
+    for name, out, ref in zip(("u_f", "u_b"), u, ref_u):
+        assert out.dtype == x.dtype and out.is_contiguous() and out.shape == x.shape, name
+        _assert_close(out, ref, rel, f"{name} {what}")
+    assert (base.grad[..., d:] == 0).all()
+    grads = [base.grad[..., :d]] + [p.grad if p is not None else None for p in leaves]
+    for name, t, gr, gref in zip(("x", "weight_f", "bias_f", "weight_b", "bias_b"), [x] + params, grads, ref_g):
+        if t is None:
+            assert gref is None and gr is None, name
+            continue
+        assert gr.dtype == t.dtype and gr.shape == t.shape, name
+        _assert_close(gr, gref, rel, f"grad of {name} {what}")
+
+
+# every (l, d, w); (bias_f, bias_b, activation) cycles through all eight combinations
+BIDIR_CASES = [(*ldw, *flags) for ldw, flags in zip(itertools.product((1, 3, 7, 19), (5, 40), (4, 2)),
+                                                    itertools.cycle(itertools.product((True, False), repeat=3)))]
+
+
+@pytest.mark.parametrize("l,d,w,bias_f,bias_b,activation", BIDIR_CASES)
+def test_triton_conv_bidir_matches_two_single_direction_references(st, conv_small_blocks, l, d, w, bias_f,
+                                                                   bias_b, activation):
+    """u_f, u_b and every gradient (x's summed over both directions) equal two single-direction references."""
+    x, params, g_u = _bidir_inputs(2, l, d, w, w, bias_f, bias_b)
+    assert x.stride() == (l * 2 * d, 2 * d, 1)
+    _bidir_check(st, x, params, g_u, 1e-5, activation)
+
+
+def test_triton_conv_bidir_different_widths_and_conv1d_weight_shape(st, monkeypatch):
+    """w_f = 5, w_b = 3 as nn.Conv1d's (d, 1, w) weights; BLOCK_L 2 < w - 1: halos span two blocks."""
+    monkeypatch.setattr(st, "CONV_BLOCK_L", 2)
+    monkeypatch.setattr(st, "CONV_BLOCK_D", 8)
+    x, params, g_u = _bidir_inputs(1, 11, 10, 5, 3)
+    params[0], params[2] = params[0].reshape(10, 1, 5), params[2].reshape(10, 1, 3)
+    _bidir_check(st, x, params, g_u, 1e-5)
+
+
+@pytest.mark.parametrize("used", [0, 1])
+def test_triton_conv_bidir_one_output_unused(st, conv_small_blocks, monkeypatch, used):
+    """A loss of u_f alone (or u_b alone): the backward op gets None for the other output (not a materialised
+    zero tensor), and that direction's weight and bias gradients are 0."""
+    seen = []
+    bwd = st._conv_bwd_impl
+    monkeypatch.setattr(st, "_conv_bwd_impl", lambda *a: seen.append(a[:2]) or bwd(*a))
+    x, params, g_u = _bidir_inputs(2, 19, 40, 4, 4)
+    g_u[1 - used] = None
+    _bidir_check(st, x, params, g_u, 1e-5, what=f"(only u_{'fb'[used]})")
+    assert len(seen) == 1 and seen[0][1 - used] is None and seen[0][used] is not None
+
+
+def test_triton_conv_bidir_zero_stride_grads(st, conv_small_blocks):
+    """u_f.sum() + 2 u_b.sum() sends expanded gradients with all strides 0; the autograd path saves only x (the
+    strided view itself), the weights and the biases; the backward op on expanded gradients equals dense ones."""
+    b, l, d, w = 2, 11, 40, 4
+    x, params, _ = _bidir_inputs(b, l, d, w, w)
+    saved = []
+    base = x._base.clone().requires_grad_()
+    xv = base[..., :d]
+    leaves = [p.clone().requires_grad_() for p in params]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        u_f, u_b = st.causal_conv1d_bidir_triton(xv, *leaves)
+    assert len(saved) == 5 and any(s.data_ptr() == xv.data_ptr() and s.stride() == xv.stride() for s in saved)
+    (u_f.sum() + 2 * u_b.sum()).backward()
+    g_u = [torch.ones(b, l, d, device=TRITON_DEVICE), torch.full((b, l, d), 2.0, device=TRITON_DEVICE)]
+    _, ref_g = _bidir_reference(x, params, g_u, True)
+    for name, gr, gref in zip(("x", "weight_f", "bias_f", "weight_b", "bias_b"),
+                              [base.grad[..., :d]] + [p.grad for p in leaves], ref_g):
+        _assert_close(gr, gref, 1e-5, f"grad of {name}")
+    ones = torch.ones((), device=TRITON_DEVICE).expand(b, l, d)
+    assert ones.stride() == (0, 0, 0)
+    for g_pair in ((ones, 2 * ones), (None, ones)):
+        dense = [g.contiguous() if g is not None else None for g in g_pair]
+        got = torch.ops.dis_scan.causal_conv1d_bidir_bwd(*g_pair, x, *params, True)
+        want = torch.ops.dis_scan.causal_conv1d_bidir_bwd(*dense, x.contiguous(), *params, True)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
+def test_triton_conv_bidir_bf16_inputs(st, conv_small_blocks, param_dtype):
+    """bf16 x and gradients (bf16 or float32 parameters): computed in float32, so only the rounding of the
+    stored results differs from the float64 reference of the same values; dtypes follow the inputs."""
+    x, params, g_u = _bidir_inputs(2, 19, 40, 4, 4, dtype=torch.bfloat16, param_dtype=param_dtype)
+    _bidir_check(st, x, params, g_u, 1e-2)
+
+
+def test_triton_conv_bidir_empty_inputs(st):
+    """b = 0 or l = 0: two empty outputs of x's shape, an x gradient of x's shape, zero parameter gradients."""
+    for b, l in ((0, 5), (2, 0)):
+        x, params, g_u = _bidir_inputs(b, l, 4, 3, 2)
+        u = st.causal_conv1d_bidir_triton(x, *params)
+        assert [t.shape for t in u] == [x.shape, x.shape]
+        grads = torch.ops.dis_scan.causal_conv1d_bidir_bwd(*g_u, x, *params, True)
+        assert grads[0].shape == x.shape and all((g == 0).all() for g in grads[1:])
+
+
+def test_triton_conv_bidir_opcheck(st, conv_small_blocks):
+    """torch.library.opcheck of the forward (either bias missing) and the backward (both, or only one, upstream
+    gradient); a missing bias gets an empty gradient."""
+    x, params, g_u = _bidir_inputs(1, 5, 4, 3, 2)
+    weight_f, bias_f, weight_b, bias_b = params
+    for p in ([weight_f, bias_f, weight_b, None], [weight_f, None, weight_b, bias_b]):
+        args = [t.clone().requires_grad_() if t is not None else None for t in [x] + p]
+        torch.library.opcheck(torch.ops.dis_scan.causal_conv1d_bidir_fwd.default, (*args, True))
+    for g_pair, p, act in (((g_u[0], g_u[1]), params, True),
+                           ((g_u[0], None), [weight_f, None, weight_b, bias_b], False),
+                           ((None, g_u[1]), [weight_f, bias_f, weight_b, None], True)):
+        torch.library.opcheck(torch.ops.dis_scan.causal_conv1d_bidir_bwd.default, (*g_pair, x, *p, act))
+    grads = torch.ops.dis_scan.causal_conv1d_bidir_bwd(*g_u, x, weight_f, None, weight_b, None, True)
+    assert grads[2].shape == (0,) and grads[4].shape == (0,)
+
+
+def test_triton_conv_bidir_compiles_without_graph_break(st, conv_small_blocks):
+    """Two chained bidirectional convs (the second's u_b unused) compiled whole: equal eager."""
+    x, params, g_u = _bidir_inputs(2, 9, 6, 4, 4)
+    params[0] = params[0].reshape(6, 1, 4)
+
+    def f(x, weight_f, bias_f, weight_b, bias_b):
+        u_f, u_b = st.causal_conv1d_bidir_triton(x.sin(), weight_f, bias_f, weight_b, bias_b)
+        v_f, _ = st.causal_conv1d_bidir_triton(u_f * u_b, weight_f, None, weight_b, bias_b, activation=False)
+        return v_f * 2                      # the second call's u_b is unused: its gradient is None
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, f):
+        leaves = [t.clone().requires_grad_() for t in [x] + params]
+        out = fn(*leaves)
+        results.append((out, torch.autograd.grad(out, leaves, g_u[0])))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for a, e in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_conv_bidir_rejects_bad_inputs(st):
+    """Each bad argument raises the right error type with a one-line message naming the function and argument."""
+    x, (weight_f, bias_f, weight_b, bias_b), _ = _bidir_inputs(1, 5, 4, 3, 3)
+    bad = [
+        (ValueError, dict(x=x[0]), "x"),                                        # x not 3-d
+        (ValueError, dict(weight_f=weight_f[:3]), "weight_f"),                  # weight for another d
+        (ValueError, dict(weight_b=weight_b[:, None].expand(4, 2, 3)), "weight_b"),   # (d, 2, w)
+        (ValueError, dict(weight_b=weight_b[:, :0]), "weight_b"),               # w = 0
+        (ValueError, dict(bias_f=bias_f[:3]), "bias_f"),
+        (TypeError, dict(x=x.double()), "x"),
+        (TypeError, dict(weight_b=weight_b.double()), "weight_b"),
+        (TypeError, dict(bias_b=bias_b.to(torch.int32)), "bias_b"),
+        (ValueError, dict(weight_f=weight_f.to("meta")), "weight_f"),           # another device
+    ]
+    for error, change, name in bad:
+        kw = dict(x=x, weight_f=weight_f, bias_f=bias_f, weight_b=weight_b, bias_b=bias_b)
+        kw.update(change)
+        with pytest.raises(error, match=f"^causal_conv1d_bidir_triton: {name} ") as info:
+            st.causal_conv1d_bidir_triton(**kw)
+        assert "\n" not in str(info.value)
+
+
+# ---- Fused residual add + RMSNorm (scan_triton.add_rms_norm_triton) ----
+# residual + drop-path scale * hidden, then RMSNorm, forward and backward, against the float64 computation and
+# DiS.Block's own expressions.
+
+NORM_EPS = 1e-5
+NORM_SCALES = {None: None, "drop": [0.0, 1 / (1 - 0.3), 1 / (1 - 0.3)]}   # drop-path: sample 0 dropped
+
+
+def _norm_make(b, l, d, dtype=torch.float32, with_residual=True, scale=None, seed=0):
+    """hidden (in dtype), residual (float32 or None), weight, scale ((b,) or None), and the two output
+    gradients g_normed, g_residual_out (float32; cast to normed's dtype by the caller)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    x = dict(hidden=r(b, l, d).to(dtype), residual=r(b, l, d) if with_residual else None,
+             weight=1 + 0.5 * r(d), scale=None if scale is None else torch.tensor(scale, dtype=torch.float32),
+             g_normed=r(b, l, d), g_res=r(b, l, d))
+    return {k: v.to(TRITON_DEVICE) if v is not None else None for k, v in x.items()}
+
+
+def _norm_reference(hidden, residual, weight, scale, eps=NORM_EPS):
+    """The readable computation in float64."""
+    h = hidden.double()
+    if scale is not None:
+        h = h * scale.double()[:, None, None]
+    res = h if residual is None else residual.double() + h
+    normed = res * torch.rsqrt(res.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+    return normed, res
+
+
+def _norm_run(fn, x, grad_of=("normed", "res"), leaf_dtype=None, **kw):
+    """Outputs of fn(hidden, residual, weight, scale, **kw) and gradients of hidden, residual, weight for the
+    loss <g_normed, normed> + <g_res, residual_out> (only the terms named in grad_of)."""
+    leaves = {k: (x[k].detach().to(leaf_dtype) if leaf_dtype else x[k].detach()).requires_grad_()
+              for k in ("hidden", "residual", "weight") if x[k] is not None}
+    normed, res = fn(leaves["hidden"], leaves.get("residual"), leaves["weight"], x["scale"], **kw)
+    loss = 0
+    if "normed" in grad_of:
+        loss = loss + (normed.double() * x["g_normed"].to(normed.dtype).double()).sum()
+    if "res" in grad_of:
+        loss = loss + (res.double() * x["g_res"].double()).sum()
+    loss.backward()
+    return (normed, res), {k: v.grad for k, v in leaves.items()}
+
+
+def _norm_triton(st):
+    """st.add_rms_norm_triton with _norm_reference's signature (hidden, residual, weight, scale), for _norm_run."""
+    def fn(hidden, residual, weight, scale, **kw):
+        return st.add_rms_norm_triton(hidden, residual, weight, NORM_EPS, scale=scale, **kw)
+    return fn
+
+
+def _norm_assert_matches(x, got, want, rtol=1e-5, atol=1e-5, grad_rtol=None, grad_atol=None):
+    (n, r), grads = got
+    (n_ref, r_ref), grads_ref = want
+    torch.testing.assert_close(n.double(), n_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(r.double(), r_ref, rtol=1e-6, atol=1e-6)
+    for k in grads_ref:
+        if grads_ref[k] is None:   # the reference loss does not use it (weight, with the stream alone)
+            grads_ref[k] = torch.zeros_like(grads[k], dtype=torch.float64)
+        torch.testing.assert_close(grads[k].double(), grads_ref[k], rtol=grad_rtol or rtol, atol=grad_atol or atol,
+                                   msg=lambda m: f"gradient of {k}: {m}")
+
+
+@pytest.mark.parametrize("d", [5, 40, 48])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("scale", list(NORM_SCALES))
+def test_triton_norm_matches_float64_reference(st, d, with_residual, scale):
+    """With or without a residual and a drop-path scale: outputs (float32) and gradients equal float64's."""
+    x = _norm_make(3, 4, d, with_residual=with_residual, scale=NORM_SCALES[scale], seed=d)
+    got = _norm_run(_norm_triton(st), x)
+    assert got[0][0].dtype == torch.float32 and got[0][1].dtype == torch.float32
+    _norm_assert_matches(x, got, _norm_run(_norm_reference, x, leaf_dtype=torch.float64))
+    if scale is not None:   # a dropped sample gets no gradient into hidden, the kept ones a scaled one
+        assert got[1]["hidden"][0].abs().max() == 0 and got[1]["hidden"][1:].abs().max() > 0
+
+
+def test_triton_norm_wide_row_and_partial_gradients(st):
+    """d = 368 (DiS-S, BLOCK_D 512 with a mask), more rows than backward programs, and losses that use only
+    one output: the stream alone (no g_normed) or the normed rows alone (no g_residual_out)."""
+    x = _norm_make(2, 5, 368, scale=[1 / 0.9, 0.0], seed=3)
+    for grad_of in (("normed", "res"), ("res",), ("normed",)):
+        _norm_assert_matches(x, _norm_run(_norm_triton(st), x, grad_of),
+                             _norm_run(_norm_reference, x, grad_of, leaf_dtype=torch.float64))
+
+
+def test_triton_norm_equals_the_block_code_path(st):
+    """The exact expressions of DiS.Block.forward (drop_path with a drawn keep mask, nn.RMSNorm) in float32."""
+    torch.manual_seed(0)
+    b, l, d, prob = 4, 3, 40, 0.25
+    x = _norm_make(b, l, d, seed=1)
+    norm = nn.RMSNorm(d, eps=NORM_EPS).to(TRITON_DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(x["weight"])
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0], device=TRITON_DEVICE)
+    readable_res = x["residual"] + x["hidden"] * keep[:, None, None] / (1 - prob)
+    normed, res = st.add_rms_norm_triton(x["hidden"], x["residual"], norm.weight, norm.eps, scale=keep / (1 - prob))
+    torch.testing.assert_close(res, readable_res, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normed, norm(readable_res), rtol=1e-5, atol=1e-5)
+    normed0, res0 = st.add_rms_norm_triton(x["hidden"], None, norm.weight, norm.eps)   # first block
+    torch.testing.assert_close(res0, x["hidden"].float(), rtol=0, atol=0)
+    torch.testing.assert_close(normed0, norm(x["hidden"].float()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden_dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, None),
+                                                    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_triton_norm_low_precision_dtypes(st, hidden_dtype, out_dtype):
+    """16-bit hidden or normed: the stream and its gradient stay float32, the rest is rounded once."""
+    x = _norm_make(2, 3, 40, dtype=hidden_dtype, scale=[1.25, 0.0], seed=7)
+    got = _norm_run(_norm_triton(st), x, out_dtype=out_dtype)
+    (normed, res), grads = got
+    assert normed.dtype == (out_dtype or hidden_dtype) and res.dtype == torch.float32
+    assert grads["hidden"].dtype == hidden_dtype
+    assert grads["residual"].dtype == torch.float32 and grads["weight"].dtype == torch.float32
+    # the reference sees the same rounded hidden and (through the loss) the same rounded g_normed; the stream
+    # and g_residual are float32, the rest rounded once to a 16-bit type
+    want = _norm_run(_norm_reference, {**x, "g_normed": x["g_normed"].to(normed.dtype)}, leaf_dtype=torch.float64)
+    _norm_assert_matches(x, got, want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grads["residual"].double(), want[1]["residual"], rtol=1e-5, atol=1e-5)
+
+
+def test_triton_norm_strided_inputs_and_expanded_gradients(st):
+    """hidden / residual as views with row strides != d (no copy), hidden with a non-unit channel stride (copied),
+    and gradients that arrive expanded with zero strides (from .sum())."""
+    b, l, d = 2, 3, 40
+    x = _norm_make(b, l, d, scale=[0.5, 2.0], seed=11)
+    wide = torch.randn(l, b, d + 8, device=TRITON_DEVICE)
+    hidden = wide[:, :, 3:3 + d].transpose(0, 1)                              # (b, l, d), strides (d+8, b(d+8), 1)
+    residual = torch.randn(b, d, l, device=TRITON_DEVICE).transpose(1, 2)     # channel stride l (copied)
+    for h, r in ((hidden, x["residual"]), (x["hidden"], residual), (hidden, residual)):
+        normed, res = st.add_rms_norm_triton(h, r, x["weight"], NORM_EPS, scale=x["scale"])
+        n_ref, r_ref = _norm_reference(h, r, x["weight"], x["scale"])
+        torch.testing.assert_close(normed.double(), n_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res.double(), r_ref, rtol=1e-6, atol=1e-6)
+    leaves = [t.clone().requires_grad_() for t in (x["hidden"], x["residual"], x["weight"])]
+    normed, res = st.add_rms_norm_triton(*leaves, NORM_EPS, scale=x["scale"])
+    (normed.sum() + 2 * res.sum()).backward()
+    ref_leaves = [t.double().requires_grad_() for t in (x["hidden"], x["residual"], x["weight"])]
+    n_ref, r_ref = _norm_reference(*ref_leaves, x["scale"])
+    (n_ref.sum() + 2 * r_ref.sum()).backward()
+    for a, c in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.double(), c.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_norm_saves_only_the_stream(st):
+    """The backward keeps residual_out (the stream, kept by the caller anyway), weight and scale: not hidden."""
+    x = _norm_make(2, 3, 8, scale=[1.0, 2.0])
+    saved = []
+    h = x["hidden"].clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        normed, res = st.add_rms_norm_triton(h, x["residual"], x["weight"], NORM_EPS, scale=x["scale"])
+    assert [tuple(t.shape) for t in saved] == [(2, 3, 8), (8,), (2,)]
+    assert saved[0].data_ptr() == res.data_ptr()
+
+
+def test_triton_norm_opcheck(st):
+    """torch.library.opcheck of the forward (with and without residual and scale, float32 and bf16) and of the
+    backward (with and without g_residual_out)."""
+    x = _norm_make(2, 3, 6, scale=[0.0, 1.5], seed=5)
+    hidden, residual, weight = (x[k].clone().requires_grad_() for k in ("hidden", "residual", "weight"))
+    for args in ((hidden, residual, weight, x["scale"], NORM_EPS, None),
+                 (hidden.detach().bfloat16().requires_grad_(), None, weight, None, NORM_EPS, torch.bfloat16)):
+        torch.library.opcheck(torch.ops.dis_scan.add_rms_norm_fwd.default, args)
+    normed, res = torch.ops.dis_scan.add_rms_norm_fwd(hidden.detach(), residual.detach(), weight.detach(),
+                                                      x["scale"], NORM_EPS, None)
+    for g_res, dtype, need in ((x["g_res"], torch.float32, True), (None, torch.bfloat16, False)):
+        torch.library.opcheck(torch.ops.dis_scan.add_rms_norm_bwd.default,
+                              (x["g_normed"], g_res, res, weight.detach(), x["scale"], NORM_EPS, dtype, need))
+
+
+def test_triton_norm_bwd_op_directly(st):
+    """No g_residual_out equals a zero one; without need_g_residual g_residual is empty; outputs are new tensors."""
+    x = _norm_make(2, 3, 6, scale=[0.0, 1.5], seed=5)
+    _, res = torch.ops.dis_scan.add_rms_norm_fwd(x["hidden"], x["residual"], x["weight"], x["scale"], NORM_EPS,
+                                                 None)
+    a = torch.ops.dis_scan.add_rms_norm_bwd(x["g_normed"], None, res, x["weight"], x["scale"], NORM_EPS,
+                                           torch.float32, True)
+    z = torch.zeros_like(res)
+    b = torch.ops.dis_scan.add_rms_norm_bwd(x["g_normed"], z, res, x["weight"], x["scale"], NORM_EPS, torch.float32,
+                                           False)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    torch.testing.assert_close(a[2], b[2], rtol=0, atol=0)
+    assert b[1].shape == (0,)
+    assert a[1].data_ptr() not in (res.data_ptr(), x["g_normed"].data_ptr())
+
+
+def test_triton_norm_compiles_without_graph_break(st):
+    """With and without a residual, compiled whole with a bf16 output: equals eager."""
+    x = _norm_make(2, 3, 40, scale=[1.0, 0.0], seed=2)
+
+    def f(hidden, residual, weight, scale):
+        normed, res = st.add_rms_norm_triton(hidden.sin(), residual, weight, NORM_EPS, scale=scale,
+                                             out_dtype=torch.bfloat16)
+        return normed * 2, res + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for with_residual in (True, False):
+        y = {**x, "residual": x["residual"] if with_residual else None}
+        (nc, rc), gc = _norm_run(compiled, y)
+        (ne, re_), ge = _norm_run(f, y)
+        assert nc.dtype == torch.bfloat16
+        torch.testing.assert_close(nc, ne, rtol=0, atol=0)
+        torch.testing.assert_close(rc, re_, rtol=0, atol=0)
+        for k in ge:
+            torch.testing.assert_close(gc[k], ge[k], rtol=1e-6, atol=1e-6)
+
+
+def test_triton_norm_rejects_bad_inputs(st):
+    """Each bad argument (shape, dtype, d = 0) raises the right error type naming the function."""
+    x = _norm_make(2, 3, 6)
+    h, r, w = x["hidden"], x["residual"], x["weight"]
+    cases = [
+        (ValueError, (h[0], r, w), {}),                                            # not (b, l, d)
+        (ValueError, (h, r[:, :2], w), {}),                                        # residual shape
+        (ValueError, (h, r, w[:5]), {}),                                           # weight shape
+        (ValueError, (h, r, w), {"scale": torch.ones(3, device=TRITON_DEVICE)}),   # scale shape
+        (TypeError, (h.double(), r, w), {}),                                       # hidden dtype
+        (TypeError, (h, r.bfloat16(), w), {}),                                     # the stream must be float32
+        (TypeError, (h, r, w.half()), {}),                                         # weight dtype
+        (TypeError, (h, r, w), {"out_dtype": torch.int32}),
+        (ValueError, (h[:, :, :0], r[:, :, :0], w[:0]), {}),                       # d = 0
+    ]
+    for err, args, kw in cases:
+        with pytest.raises(err, match="add_rms_norm_triton: "):
+            st.add_rms_norm_triton(*args[:3], NORM_EPS, **kw)
+
+
+# ---- The fused mixer and model (scan_triton.bimamba_inner_fn, DiS.SCAN_BACKEND = "fused") ----
+# The whole bidirectional mixer, and the whole model, in fused Triton kernels against the readable PyTorch ones.
+
+def _fused_mixer_params(mixer):
+    return [(s.conv1d.weight, s.conv1d.bias, s.x_proj.weight, s.dt_proj.weight, s.dt_proj.bias, s.A_log, s.D)
+            for s in (mixer.forward_ssm, mixer.backward_ssm)]
+
+
+def _fused_grads(fn, module, x, g):
+    """fn(x), x's gradient and every parameter gradient of module, for the upstream gradient g."""
+    module.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    out = fn(x)
+    out.backward(g)
+    return out.detach(), x.grad, [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("l,d_model,d_state", [(1, 8, 4), (7, 8, 4), (37, 12, 3)])
+def test_fused_mixer_equals_readable(st, l, d_model, d_state):
+    """bimamba_inner_fn equals DiS.BiMamba.forward: output, input gradient and every parameter gradient."""
+    torch.manual_seed(0)
+    mixer = DiS.BiMamba(d_model, d_state=d_state).to(TRITON_DEVICE)   # d_inner 16 or 24
+    x = torch.randn(2, l, d_model, device=TRITON_DEVICE)
+    g = torch.randn(2, l, d_model, device=TRITON_DEVICE)
+    ref = _fused_grads(mixer, mixer, x, g)
+    fused = _fused_grads(lambda h: st.bimamba_inner_fn(h, mixer.in_proj.weight, mixer.out_proj.weight,
+                                                       *_fused_mixer_params(mixer)), mixer, x, g)
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused[1], ref[1], rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(mixer.named_parameters(), fused[2], ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_model_equals_readable_and_compiles(st, monkeypatch):
+    """A small DiS in training mode (drop-path, label dropout): SCAN_BACKEND "fused", eager and compiled without
+    a graph break, gives the lean PyTorch backend's output and parameter gradients."""
+    torch.manual_seed(0)
+    # 2 + 3 x 3 tokens, d_inner 32, 3 layers with a long skip; drop-path on (training mode)
+    m = DiS.DiS(image_size=6, patch_size=2, in_channels=1, hidden_size=16, depth=2, num_classes=10,
+                drop_path_rate=0.5).to(TRITON_DEVICE)
+    with torch.no_grad():
+        m.final_layer.linear.weight.normal_(std=0.1)
+    x, t, y = (v.to(TRITON_DEVICE) for v in (torch.randn(2, 1, 6, 6), torch.tensor([3, 700]), torch.tensor([1, 2])))
+    results = []
+    for backend, compiled in (("lean", False), ("fused", False), ("fused", True)):
+        monkeypatch.setattr(DiS, "SCAN_BACKEND", backend)
+        torch._dynamo.reset()
+        fn = torch.compile(m, fullgraph=True, backend="aot_eager") if compiled else m
+        torch.manual_seed(1)    # the same drop-path and label-dropout draws
+        m.zero_grad()
+        out = fn(x, t, y)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    for other in results[1:]:
+        torch.testing.assert_close(other[0], results[0][0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(other[1], results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-5)
 
 
 #################################################################################
