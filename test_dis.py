@@ -1,4 +1,4 @@
-"""Tests for DiS.py, train.py and sample.py. Run: pytest test_dis.py  (about 4 minutes on a 2-core CPU).
+"""Tests for DiS.py, train.py and sample.py. Run: pytest test_dis.py  (about 5 minutes on a 2-core CPU).
 Under DIS_CI=1 a test that would skip for a missing optional package fails instead (CUDA and mamba-ssm excepted)."""
 import gzip
 import importlib
@@ -645,26 +645,32 @@ def test_triton_scan_tm_opcheck(st):
                           (g_out, *detached[:8], starts.detach(), True, 3, True, True))
 
 
+def _compiled_equals_eager(f, inputs, g_out):
+    """torch.compile(f, fullgraph=True) (aot_eager: every op as eager runs it) gives eager's output and input
+    gradients for the upstream gradient g_out: no graph break, and the ops' fake and autograd rules hold."""
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, f):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        results.append((out, torch.autograd.grad(out, leaves, g_out)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for a, e in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
 def test_triton_scan_tm_compiles_without_graph_break(st):
     """Both directions of a mixer, the second adding into the first, compiled whole: equals eager."""
     args = _tm_strided_op_args(2, 6, 3, 9)
     u, delta, A, B, C, D, z, bias = args[:8]
-    leaves = [t.detach().clone().requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
     g_out = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
 
     def f(u, delta, A, B, C, D, z, bias):
         fwd = st.selective_scan_triton_tm(u.sin(), delta, A, B, C, D, z, bias, True, chunk=4)
         return st.selective_scan_triton_tm(u, delta, A, B, C, D, z, bias, True, reverse=True, add=fwd, chunk=4) * 2
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (compiled, f):
-        out = fn(*leaves)
-        results.append((out, torch.autograd.grad(out, leaves, g_out)))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
-    for a, e in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    _compiled_equals_eager(f, (u, delta, A, B, C, D, z, bias), g_out)
 
 
 def test_triton_scan_tm_rejects_bad_inputs(st):
@@ -869,16 +875,7 @@ def test_triton_conv_compiles_without_graph_break(st, conv_small_blocks):
         y = st.causal_conv1d_triton(x.sin(), weight, bias)
         return st.causal_conv1d_triton(y, weight, None, reverse=True, activation=False) * 2
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (compiled, f):
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        out = fn(*leaves)
-        results.append((out, torch.autograd.grad(out, leaves, g_out)))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
-    for a, e in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    _compiled_equals_eager(f, (x, weight, bias), g_out)
 
 
 def test_triton_conv_rejects_bad_inputs(st):
@@ -1062,16 +1059,7 @@ def test_triton_conv_bidir_compiles_without_graph_break(st, conv_small_blocks):
         v_f, _ = st.causal_conv1d_bidir_triton(u_f * u_b, weight_f, None, weight_b, bias_b, activation=False)
         return v_f * 2                      # the second call's u_b is unused: its gradient is None
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (compiled, f):
-        leaves = [t.clone().requires_grad_() for t in [x] + params]
-        out = fn(*leaves)
-        results.append((out, torch.autograd.grad(out, leaves, g_u[0])))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
-    for a, e in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    _compiled_equals_eager(f, [x] + params, g_u[0])
 
 
 def test_triton_conv_bidir_rejects_bad_inputs(st):
