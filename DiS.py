@@ -23,7 +23,8 @@ Glossary of shape letters and index names, one meaning each throughout the file:
   dt_rank  rank of the low-rank projection that makes delta (ceil(d / 16))
   c, h, w  image channels, height, width;  p  patch size
   i        a token's position in the scan: u_i, h_i, decay_i, ...
-  t        a diffusion timestep, an integer in [0, 1000)
+  t        a diffusion timestep, an integer in [0, 1000) (in the sampler, a step of the respaced schedule,
+           and t_model the training timestep it stands for)
 In the scan, h (h_i) is the SSM state of Mamba's notation, n numbers per channel, not a height.
 Other sizes have names: d_conv (the causal conv's width), chunk (tokens per chunk of the lean scan).
 """
@@ -85,7 +86,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 #   "mamba_ssm"  mamba-ssm's kernel; an error where it cannot run
 #   "triton"     the Triton scan of scan_triton.py (CUDA, or Triton's CPU interpreter)
 #   "fused"      each block's add + RMSNorm and its whole mixer as fused Triton kernels of scan_triton.py,
-#                token-major and without flips (Block.forward hands over to it); scans called alone use "triton"
+#                token-major and without flips (Block.forward hands over to it); scans called alone use "triton".
+#                Needs float32 parameters (autocast is fine)
 SCAN_BACKEND = "auto"
 SCAN_BACKENDS = ("auto", "ref", "lean", "mamba_ssm", "triton", "fused")
 
@@ -705,7 +707,7 @@ class _LeanScan(torch.autograd.Function):
 
     @staticmethod
     def _chunk_terms(dt, dtu, A, B, start, end, kept=None):
-        """Decay exp(dt_t A) and drive (dt_t u_t) B_t of tokens start..end-1, each (chunk, b, d_inner, n);
+        """Decay exp(dt_i A) and drive (dt_i u_i) B_i of tokens start..end-1, each (chunk, b, d_inner, n);
         written into kept's (decay, drive, states) buffers (l, b, d_inner, n) when they are given."""
         decay, drive = (kept[0][start:end], kept[1][start:end]) if kept else (None, None)
         decay = torch.exp(torch.mul(dt[start:end, ..., None], A, out=decay), out=decay)   # (chunk, b, d_inner, n)
@@ -891,13 +893,13 @@ def fused_block(block, hidden, residual):
     the same math and parameters, and the same (mixer output, residual stream) result."""
     st = triton_module("fused")
     if not torch.compiler.is_compiling() and not st.triton_scan_usable(hidden):
-        raise RuntimeError(f"scan backend 'fused' cannot run on {hidden.device.type} tensors: its Triton kernels "
-                           f"need CUDA (or TRITON_INTERPRET=1 set before torch is imported, for tests); "
-                           f"set DiS.SCAN_BACKEND = 'auto'")
-    scale = None   # drop-path: drop_path's own random draws, as one factor per sample
+        raise RuntimeError(f"scan backend 'fused' cannot run on {hidden.dtype} tensors on {hidden.device.type}: its "
+                           f"Triton kernels need CUDA (or TRITON_INTERPRET=1 set before torch is imported, for "
+                           f"tests) and float32/16 or bfloat16; set DiS.SCAN_BACKEND = 'auto'")
+    scale = None   # drop-path as one factor per sample: drop_path itself, on ones, so the random draws are its own
     if residual is not None and block.drop_prob > 0 and block.training:
-        keep = hidden.new_empty((hidden.shape[0],) + (1,) * (hidden.ndim - 1)).bernoulli_(1 - block.drop_prob)
-        scale = keep.flatten().float() / (1 - block.drop_prob)                         # (b,)
+        ones = hidden.new_ones((hidden.shape[0],) + (1,) * (hidden.ndim - 1))
+        scale = drop_path(ones, block.drop_prob, block.training).flatten().float()      # (b,)
     normed, residual = st.add_rms_norm_triton(hidden, residual, block.norm.weight, block.norm.eps, scale=scale,
                                               out_dtype=_autocast_dtype(hidden))      # (b, l, d) each
     mixer = block.mixer

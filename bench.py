@@ -10,10 +10,10 @@ and a profiling mode for one model's training step.
     python bench.py --profile --device cpu --model DiS-T/4 --batch 8      # writes profile_DiS-T_4_lean.txt
 Times are medians over --repeats runs after a warm-up (CUDA synchronised). Peak memory: on CUDA the
 allocator's peak; on CPU the growth of the process's peak resident set, each case in a fresh process.
-Every row names the scan it runs (lean, ref, triton, mamba-ssm, stand-in): nothing picks a kernel behind
+Every row names the scan it runs (lean, ref, triton, fused, mamba-ssm, stand-in): nothing picks a kernel behind
 its back. Rows that cannot run here (Triton off CUDA, mamba-ssm not installed) are skipped and listed.
 --profile writes torch.profiler's operator table (no traces) of 3 training steps after a warm-up.
-    python bench.py --check --device cuda    # every Triton path against the lean scan at DiS-S/2's real size
+--check compares every Triton path with the lean scan at DiS-S/2's real size: python bench.py --check --device cuda
 """
 import argparse
 import importlib.util
@@ -303,7 +303,7 @@ def prepare(name, size, chans, classes, variant, device):
 
 
 def training_step(name, size, chans, classes, batch, variant, device):
-    """(model, step): one AdamW training step on a fixed random batch, under DiS.mixed_precision."""
+    """(model, step): one AdamW training step on a fixed random batch, under dis_cli.mixed_precision."""
     model, fwd = prepare(name, size, chans, classes, variant, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = DiS.Diffusion()
@@ -438,7 +438,7 @@ def profile(args, device):
 
 
 #################################################################################
-#                          5. Fast paths against the readable one               #
+#                     5. The Triton paths against the lean scan                 #
 #################################################################################
 
 def max_rel_error(a, b):
@@ -452,7 +452,9 @@ def check_paths(args, device):
     CIFAR-10 step at batch 128): one scan (triton), and one whole block (triton, fused) under the precision
     policy, output and every gradient; the worst error relative to each tensor's scale."""
     rows = []
-    b, l, d = args.batch, (args.image_size // 2) ** 2 + 1, DiS.create_model(args.model).hidden_size
+    with torch.device("meta"):
+        model = DiS.create_model(args.model)
+    b, l, d = args.batch, (args.image_size // 2) ** 2 + 1, model.hidden_size
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):   # the scan alone, as the readable mixer calls it
         x = {k: v.to(device) for k, v in zip("u delta z B C".split(), (torch.randn(b, 2 * d, l, generator=g),
@@ -473,12 +475,14 @@ def check_paths(args, device):
         rows.append([f"scan ({b}, {2 * d}, {l}, 16), {str(dtype)[6:]} inputs", "triton",
                      f"{errors[0]:.1e}", f"{max(errors[1:]):.1e}", names[worst]])
     torch.manual_seed(0)
-    block = DiS.Block(d, n_layer=25, drop_prob=0.0, skip=False).to(device)   # a DiS-S/2 block
-    hidden, residual = (torch.randn(b, l, d, generator=g).to(device) for _ in range(2))
+    block = DiS.Block(d, n_layer=model.depth, drop_prob=0.1, skip=False).to(device)   # one of the model's blocks
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32   # the mixer output, as under autocast
+    hidden, residual = torch.randn(b, l, d, generator=g).to(device, half), torch.randn(b, l, d, generator=g).to(device)
     g_hidden, g_residual = (torch.randn(b, l, d, generator=g).to(device) for _ in range(2))
     results = {}
     for backend in ("lean", "triton", "fused"):
         DiS.SCAN_BACKEND = backend
+        torch.manual_seed(1)   # the same drop-path draws
         leaves = [hidden.clone().requires_grad_(), residual.clone().requires_grad_()]
         with mixed_precision(device):
             out_h, out_r = block(*leaves)

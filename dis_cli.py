@@ -86,9 +86,9 @@ def pick_device(choice, index=0):
 
 def add_scan_backend_flag(parser):
     parser.add_argument("--scan-backend", default="auto", choices=DiS.SCAN_BACKENDS,
-                        help="DiS.SCAN_BACKEND: auto = mamba-ssm's CUDA kernel where installed, else the lean "
-                             "PyTorch scan; ref = the plain loop; triton = the Triton scan; fused = Triton blocks "
-                             "(token-major, no flips); triton and fused need CUDA")
+                        help="DiS.SCAN_BACKEND: auto = mamba-ssm's CUDA kernel where installed, else lean; lean "
+                             "= the lean PyTorch scan; ref = the plain loop; mamba_ssm = mamba-ssm's kernel; triton "
+                             "= the Triton scan; fused = Triton blocks (token-major, no flips); the last three need CUDA")
 
 
 def set_scan_backend(name, device):

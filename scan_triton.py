@@ -1184,7 +1184,8 @@ def add_rms_norm_triton(hidden, residual, weight, eps, scale=None, out_dtype=Non
 # direction needs no flips: an anti-causal conv and a scan that walks the tokens from last to first compute
 # exactly flip(direction(flip(x))), and its scan adds its result into the forward direction's output.
 # Each kernel is its own autograd-aware op, so the matmuls stay ordinary (autocast puts them in bf16) and
-# torch.compile sees the whole block.
+# torch.compile sees the whole block. Under bf16 autocast one rounding differs from the readable path: there
+# nn.Conv1d runs in bf16 with bf16 weights, here the conv sums in float32 with the float32 weights.
 
 def bimamba_inner_fn(hidden, in_proj_weight, out_proj_weight, forward_params, backward_params):
     """DiS's bidirectional mixer, DiS.BiMamba.forward's result. hidden: (b, l, d); each *_params is one
