@@ -888,6 +888,14 @@ def _autocast_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
 
 
+def mixer_weights(mixer):
+    """A BiMamba's parameters in the order scan_triton.bimamba_inner_fn takes them: in_proj's and out_proj's
+    weights, then for each direction (conv weight, conv bias, x_proj, dt_proj weight and bias, A_log, D)."""
+    directions = [(ssm.conv1d.weight, ssm.conv1d.bias, ssm.x_proj.weight, ssm.dt_proj.weight, ssm.dt_proj.bias,
+                   ssm.A_log, ssm.D) for ssm in (mixer.forward_ssm, mixer.backward_ssm)]
+    return mixer.in_proj.weight, mixer.out_proj.weight, *directions
+
+
 def fused_block(block, hidden, residual):
     """Block.forward after its skip merge, as the fused kernels of scan_triton.py (SCAN_BACKEND "fused"):
     the same math and parameters, and the same (mixer output, residual stream) result."""
@@ -902,7 +910,4 @@ def fused_block(block, hidden, residual):
         scale = drop_path(ones, block.drop_prob, block.training).flatten().float()      # (b,)
     normed, residual = st.add_rms_norm_triton(hidden, residual, block.norm.weight, block.norm.eps, scale=scale,
                                               out_dtype=_autocast_dtype(hidden))      # (b, l, d) each
-    mixer = block.mixer
-    params = [(ssm.conv1d.weight, ssm.conv1d.bias, ssm.x_proj.weight, ssm.dt_proj.weight, ssm.dt_proj.bias,
-               ssm.A_log, ssm.D) for ssm in (mixer.forward_ssm, mixer.backward_ssm)]
-    return st.bimamba_inner_fn(normed, mixer.in_proj.weight, mixer.out_proj.weight, *params), residual  # (b, l, d)
+    return st.bimamba_inner_fn(normed, *mixer_weights(block.mixer)), residual                  # (b, l, d)

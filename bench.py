@@ -16,6 +16,7 @@ its back. Rows that cannot run here (Triton off CUDA, mamba-ssm not installed) a
 --check compares every Triton path with the lean scan at DiS-S/2's real size: python bench.py --check --device cuda
 """
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -164,23 +165,32 @@ def scan_variants(device):
     return v
 
 
-def scan_case(name, shape, dtype, device, repeats):
-    """One row of the scan table (run in a fresh process on CPU, so that peak RSS is this case's alone).
-    u, delta, z, B, C in `dtype` (as the model makes them under autocast); A, D, delta_bias float32."""
+def scan_inputs(shape, dtype, device, generator):
+    """The scan's inputs at shape (b, d_inner, l, n): u, delta, z, B, C in dtype (as the model makes them under
+    autocast), requiring gradients; and A (-1, ..., -n per channel), D, delta_bias in float32."""
     b, d, l, n = shape
-    g = torch.Generator().manual_seed(0)
-    mk = lambda *s: torch.randn(*s, generator=g).to(device)
-    dt = getattr(torch, dtype)
-    u, delta, z, B, C = (x.to(dt) for x in (mk(b, d, l), mk(b, d, l) * 0.5 - 2, mk(b, d, l), mk(b, n, l), mk(b, n, l)))
+    mk = lambda *s: torch.randn(*s, generator=generator).to(device)
+    activations = {k: x.to(dtype).requires_grad_() for k, x in zip(
+        ("u", "delta", "z", "B", "C"), (mk(b, d, l), mk(b, d, l) * 0.5 - 2, mk(b, d, l), mk(b, n, l), mk(b, n, l)))}
     A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1).to(device)
-    D, bias = torch.ones(d, device=device), mk(d) * 0.1
-    params = [t.requires_grad_() for t in (u, delta, B, C, z)]
+    return activations, {"A": A, "D": torch.ones(d, device=device), "delta_bias": mk(d) * 0.1}
+
+
+def run_scan(fn, x, p):
+    """fn (selective_scan's arguments) on scan_inputs' two dicts, with softplus as in the model."""
+    return fn(x["u"], x["delta"], p["A"], x["B"], x["C"], p["D"], z=x["z"], delta_bias=p["delta_bias"],
+              delta_softplus=True)
+
+
+def scan_case(name, shape, dtype, device, repeats):
+    """One row of the scan table (run in a fresh process on CPU, so that peak RSS is this case's alone)."""
+    x, p = scan_inputs(shape, getattr(torch, dtype), device, torch.Generator().manual_seed(0))
     fn = scan_variants(device)[name]
-    run = lambda: fn(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True)
+    run = lambda: run_scan(fn, x, p)
 
     def fwd_bwd():
         out = run()
-        torch.autograd.grad(out.float().sum(), params)
+        torch.autograd.grad(out.float().sum(), list(x.values()))
     mem = peak_memory_mb(fwd_bwd, device)
     with torch.no_grad():
         t_fwd = timeit(run, repeats, device)
@@ -447,6 +457,14 @@ def max_rel_error(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
+def error_row(case, path, results, reference, names, outputs):
+    """A row of the --check table: the worst error of the first `outputs` tensors (outputs), of the rest
+    (gradients), and the name of the worst tensor of all."""
+    errors = [max_rel_error(a, r) for a, r in zip(results, reference)]
+    worst = names[max(range(len(errors)), key=errors.__getitem__)]
+    return [case, path, f"{max(errors[:outputs]):.1e}", f"{max(errors[outputs:]):.1e}", worst]
+
+
 def check_paths(args, device):
     """--check: every Triton path against the lean PyTorch one at the size given (default DiS-S/2's
     CIFAR-10 step at batch 128): one scan (triton), and one whole block (triton, fused) under the precision
@@ -457,23 +475,14 @@ def check_paths(args, device):
     b, l, d = args.batch, (args.image_size // 2) ** 2 + 1, model.hidden_size
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):   # the scan alone, as the readable mixer calls it
-        x = {k: v.to(device) for k, v in zip("u delta z B C".split(), (torch.randn(b, 2 * d, l, generator=g),
-             torch.randn(b, 2 * d, l, generator=g) * 0.5 - 2, torch.randn(b, 2 * d, l, generator=g),
-             torch.randn(b, 16, l, generator=g), torch.randn(b, 16, l, generator=g)))}
-        x = {k: v.to(dtype).requires_grad_() for k, v in x.items()}
-        A = -torch.arange(1, 17, dtype=torch.float32, device=device).repeat(2 * d, 1)
-        D, bias = torch.ones(2 * d, device=device), torch.randn(2 * d, generator=g).to(device) * 0.1
+        x, p = scan_inputs((b, 2 * d, l, 16), dtype, device, g)
         g_out = torch.randn(b, 2 * d, l, generator=g).to(device, dtype)
         results = {}
         for backend in ("lean", "triton"):
-            out = DiS.selective_scan(x["u"], x["delta"], A, x["B"], x["C"], D, z=x["z"], delta_bias=bias,
-                                     delta_softplus=True, backend=backend)
+            out = run_scan(functools.partial(DiS.selective_scan, backend=backend), x, p)
             results[backend] = [out] + list(torch.autograd.grad(out, list(x.values()), g_out))
-        names = ["out"] + [f"grad {k}" for k in x]
-        errors = [max_rel_error(a, r) for a, r in zip(results["triton"], results["lean"])]
-        worst = max(range(len(errors)), key=errors.__getitem__)
-        rows.append([f"scan ({b}, {2 * d}, {l}, 16), {str(dtype)[6:]} inputs", "triton",
-                     f"{errors[0]:.1e}", f"{max(errors[1:]):.1e}", names[worst]])
+        rows.append(error_row(f"scan ({b}, {2 * d}, {l}, 16), {str(dtype)[6:]} inputs", "triton", results["triton"],
+                              results["lean"], ["out"] + [f"grad {k}" for k in x], outputs=1))
     torch.manual_seed(0)
     block = DiS.Block(d, n_layer=model.depth, drop_prob=0.1, skip=False).to(device)   # one of the model's blocks
     half = torch.bfloat16 if device.type == "cuda" else torch.float32   # the mixer output, as under autocast
@@ -489,11 +498,10 @@ def check_paths(args, device):
         grads = torch.autograd.grad([out_h.float(), out_r], leaves + list(block.parameters()), [g_hidden, g_residual])
         results[backend] = [out_h, out_r] + list(grads)
     names = ["mixer output", "stream"] + ["grad hidden", "grad residual"] + [f"grad {n}" for n, _ in block.named_parameters()]
+    precision = "bf16 autocast" if device.type == "cuda" else "float32"
     for backend in ("triton", "fused"):
-        errors = [max_rel_error(a, r) for a, r in zip(results[backend], results["lean"])]
-        worst = max(range(len(errors)), key=errors.__getitem__)
-        rows.append([f"{args.model} block, batch {b}, {l} tokens ({'bf16 autocast' if device.type == 'cuda' else 'float32'})",
-                     backend, f"{max(errors[:2]):.1e}", f"{max(errors[2:]):.1e}", names[worst]])
+        rows.append(error_row(f"{args.model} block, batch {b}, {l} tokens ({precision})", backend, results[backend],
+                              results["lean"], names, outputs=2))
     return table("Fast paths against the lean PyTorch scan (max |error| / max |lean value|, worst tensor)",
                  ["case", "path", "output", "gradients", "worst"], rows)
 

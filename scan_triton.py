@@ -371,10 +371,15 @@ def _strides(*xs):
     return [s for x in xs for s in (x.stride() if x is not None else (0, 0, 0))]
 
 
+def _new_like(like, dtype):
+    """A new contiguous tensor shaped like `like`, in dtype: every op (scan, conv, norm) allocates its outputs
+    with it, so that the fake ops agree with the real ones on strides."""
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
+
+
 def _new(x, like):
-    """A new contiguous tensor shaped like `like` in x's dtype, or None for x None. New contiguous tensors make
-    the fake ops agree with the real ones on strides."""
-    return None if x is None else torch.empty(like.shape, dtype=x.dtype, device=like.device)
+    """_new_like(like, x's dtype), or None for x None (the scan's optional inputs)."""
+    return None if x is None else _new_like(like, x.dtype)
 
 
 def _fwd_outputs(u, A, chunk):
@@ -531,15 +536,6 @@ def selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     out, _ = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                                    int(chunk), bool(reverse), add, True, bool(A_is_log))
     return out
-
-
-def _empty(x):
-    """A new contiguous tensor shaped like x (the fake and the real ops must agree on strides)."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-def _none_grad(u):
-    return u.new_empty(0)
 
 
 #################################################################################
@@ -748,7 +744,7 @@ def _conv_fwd_impl(x, weight_f, bias_f, weight_b, bias_b, activation):
     """(u_f, u_b): the causal conv of x with (weight_f, bias_f) and the reverse one with (weight_b, bias_b),
     in one launch; a direction whose weight is None is skipped, and its output is None."""
     b, l, d = x.shape
-    u_f, u_b = (_empty(x) if w is not None else None for w in (weight_f, weight_b))
+    u_f, u_b = (_new(x, x) if w is not None else None for w in (weight_f, weight_b))
     if x.numel() > 0:
         grid, block_l, block_c = _conv_grid(b, l, d)
         _conv_fwd_kernel[grid](
@@ -767,7 +763,7 @@ def _conv_bwd_impl(g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, activati
     upstream g_u_f, g_u_b. A direction whose gradient is None adds nothing (its g_weight, g_bias are 0); one
     whose weight is None is absent (g_weight None); an absent bias's gradient is a (0,)-shaped tensor."""
     b, l, d = x.shape
-    g_x = _empty(x)
+    g_x = _new(x, x)
     g_wf, g_bf, g_wb, g_bb = (torch.zeros(t.shape, dtype=torch.float32, device=x.device) if t is not None
                               else None for t in (weight_f, bias_f, weight_b, bias_b))
     if x.numel() > 0:
@@ -783,8 +779,8 @@ def _conv_bwd_impl(g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, activati
             HAS_BF=bias_f is not None, HAS_BB=bias_b is not None, ACT=activation,
             BLOCK_L=block_l, BLOCK_C=block_c, num_warps=NUM_WARPS)
     cast = lambda g, p, absent: g.to(p.dtype) if p is not None else absent      # noqa: E731
-    return (g_x, cast(g_wf, weight_f, None), cast(g_bf, bias_f, _none_grad(x)),
-            cast(g_wb, weight_b, None), cast(g_bb, bias_b, _none_grad(x)))
+    return (g_x, cast(g_wf, weight_f, None), cast(g_bf, bias_f, x.new_empty(0)),
+            cast(g_wb, weight_b, None), cast(g_bb, bias_b, x.new_empty(0)))
 
 
 def _one_dir(reverse, weight, bias):
@@ -801,7 +797,7 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 
 @_conv_fwd.register_fake
 def _conv_fwd_fake(x, weight, bias, reverse, activation):
-    return _empty(x)
+    return _new(x, x)
 
 
 @torch.library.custom_op("dis_scan::causal_conv1d_bwd", mutates_args=())
@@ -814,7 +810,7 @@ def _conv_bwd(g_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
 
 @_conv_bwd.register_fake
 def _conv_bwd_fake(g_out, x, weight, bias, reverse, activation):
-    return _empty(x), _empty(weight), _empty(bias) if bias is not None else _none_grad(x)
+    return _new(x, x), _new(weight, weight), _new(bias, bias) if bias is not None else x.new_empty(0)
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -841,7 +837,7 @@ def _conv_bidir_fwd(x: torch.Tensor, weight_f: torch.Tensor, bias_f: Optional[to
 
 @_conv_bidir_fwd.register_fake
 def _conv_bidir_fwd_fake(x, weight_f, bias_f, weight_b, bias_b, activation):
-    return _empty(x), _empty(x)
+    return _new(x, x), _new(x, x)
 
 
 @torch.library.custom_op("dis_scan::causal_conv1d_bidir_bwd", mutates_args=())
@@ -854,8 +850,8 @@ def _conv_bidir_bwd(g_u_f: Optional[torch.Tensor], g_u_b: Optional[torch.Tensor]
 
 @_conv_bidir_bwd.register_fake
 def _conv_bidir_bwd_fake(g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, activation):
-    return (_empty(x), _empty(weight_f), _empty(bias_f) if bias_f is not None else _none_grad(x),
-            _empty(weight_b), _empty(bias_b) if bias_b is not None else _none_grad(x))
+    return (_new(x, x), _new(weight_f, weight_f), _new(bias_f, bias_f) if bias_f is not None else x.new_empty(0),
+            _new(weight_b, weight_b), _new(bias_b, bias_b) if bias_b is not None else x.new_empty(0))
 
 
 def _conv_bidir_setup_context(ctx, inputs, output):
@@ -1046,11 +1042,6 @@ def _unit_last_stride(x):
     return x.contiguous()
 
 
-def _rows_like(x, dtype):
-    """A new contiguous (b, l, d) tensor (the fake and the real ops must agree on strides)."""
-    return torch.empty(x.shape, dtype=dtype, device=x.device)
-
-
 @torch.library.custom_op("dis_scan::add_rms_norm_fwd", mutates_args=())
 def _add_rms_norm_fwd(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                       scale: Optional[torch.Tensor], eps: float, out_dtype: Optional[torch.dtype]
@@ -1059,8 +1050,8 @@ def _add_rms_norm_fwd(hidden: torch.Tensor, residual: Optional[torch.Tensor], we
     weight = weight.contiguous()
     scale = scale.contiguous() if scale is not None else None
     b, l, d = hidden.shape
-    normed = _rows_like(hidden, out_dtype if out_dtype is not None else hidden.dtype)
-    residual_out = _rows_like(hidden, torch.float32)
+    normed = _new_like(hidden, out_dtype if out_dtype is not None else hidden.dtype)
+    residual_out = _new_like(hidden, torch.float32)
     if normed.numel() == 0:
         return normed, residual_out
     block_d, num_warps = _norm_launch_params(d)
@@ -1074,8 +1065,8 @@ def _add_rms_norm_fwd(hidden: torch.Tensor, residual: Optional[torch.Tensor], we
 
 @_add_rms_norm_fwd.register_fake
 def _add_rms_norm_fwd_fake(hidden, residual, weight, scale, eps, out_dtype):
-    return (_rows_like(hidden, out_dtype if out_dtype is not None else hidden.dtype),
-            _rows_like(hidden, torch.float32))
+    return (_new_like(hidden, out_dtype if out_dtype is not None else hidden.dtype),
+            _new_like(hidden, torch.float32))
 
 
 @torch.library.custom_op("dis_scan::add_rms_norm_bwd", mutates_args=())
@@ -1089,8 +1080,8 @@ def _add_rms_norm_bwd(g_normed: torch.Tensor, g_residual_out: Optional[torch.Ten
     scale = scale.contiguous() if scale is not None else None
     b, l, d = residual_out.shape
     n_rows = b * l
-    g_hidden = _rows_like(residual_out, hidden_dtype)
-    g_residual = _rows_like(residual_out, torch.float32) if need_g_residual else residual_out.new_empty(0)
+    g_hidden = _new_like(residual_out, hidden_dtype)
+    g_residual = _new_like(residual_out, torch.float32) if need_g_residual else residual_out.new_empty(0)
     if n_rows == 0:
         return g_hidden, g_residual, torch.zeros_like(weight, dtype=torch.float32)
     block_d, num_warps = _norm_launch_params(d)
@@ -1112,9 +1103,9 @@ def _add_rms_norm_bwd(g_normed: torch.Tensor, g_residual_out: Optional[torch.Ten
 @_add_rms_norm_bwd.register_fake
 def _add_rms_norm_bwd_fake(g_normed, g_residual_out, residual_out, weight, scale, eps, hidden_dtype,
                            need_g_residual):
-    g_residual = _rows_like(residual_out, torch.float32) if need_g_residual else residual_out.new_empty(0)
-    return (_rows_like(residual_out, hidden_dtype), g_residual,
-            weight.new_empty(weight.shape, dtype=torch.float32))
+    g_residual = _new_like(residual_out, torch.float32) if need_g_residual else residual_out.new_empty(0)
+    return (_new_like(residual_out, hidden_dtype), g_residual,
+            _new_like(weight, torch.float32))
 
 
 def _norm_setup_context(ctx, inputs, output):

@@ -214,11 +214,7 @@ def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
 def test_ref_backend_runs_the_model_on_section_1_alone(monkeypatch):
     """SCAN_BACKEND = "ref": the model's scans are selective_scan_ref itself (nothing of section 5 runs), and
     the model's output and gradients equal those with the lean scan."""
-    torch.manual_seed(0)
-    m = tiny_model(num_classes=10)
-    with torch.no_grad():
-        m.final_layer.linear.weight.normal_(std=0.1)
-    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 2])
+    m, x, t, y = conditional_model_and_batch()
     results = []
     for backend in ("lean", "ref"):
         monkeypatch.setattr(DiS, "SCAN_BACKEND", backend)
@@ -1314,11 +1310,6 @@ def test_triton_norm_rejects_bad_inputs(st):
 # ---- The fused mixer and model (scan_triton.bimamba_inner_fn, DiS.SCAN_BACKEND = "fused") ----
 # The whole bidirectional mixer, and the whole model, in fused Triton kernels against the readable PyTorch ones.
 
-def _fused_mixer_params(mixer):
-    return [(s.conv1d.weight, s.conv1d.bias, s.x_proj.weight, s.dt_proj.weight, s.dt_proj.bias, s.A_log, s.D)
-            for s in (mixer.forward_ssm, mixer.backward_ssm)]
-
-
 def _fused_grads(fn, module, x, g):
     """fn(x), x's gradient and every parameter gradient of module, for the upstream gradient g."""
     module.zero_grad()
@@ -1336,8 +1327,7 @@ def test_fused_mixer_equals_readable(st, l, d_model, d_state):
     x = torch.randn(2, l, d_model, device=TRITON_DEVICE)
     g = torch.randn(2, l, d_model, device=TRITON_DEVICE)
     ref = _fused_grads(mixer, mixer, x, g)
-    fused = _fused_grads(lambda h: st.bimamba_inner_fn(h, mixer.in_proj.weight, mixer.out_proj.weight,
-                                                       *_fused_mixer_params(mixer)), mixer, x, g)
+    fused = _fused_grads(lambda h: st.bimamba_inner_fn(h, *DiS.mixer_weights(mixer)), mixer, x, g)
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused[1], ref[1], rtol=1e-4, atol=1e-5)
     for (name, _), a, b in zip(mixer.named_parameters(), fused[2], ref[2]):
@@ -1411,6 +1401,16 @@ def tiny_model(num_classes=0, in_channels=3, learn_sigma=True, image_size=16):
                             learn_sigma=learn_sigma)
 
 
+def conditional_model_and_batch():
+    """A tiny class-conditional DiS whose output layer is not zero (so that every parameter gets a gradient),
+    and a batch (x, t, y) of two, the same at every call."""
+    torch.manual_seed(0)
+    m = tiny_model(num_classes=10)
+    with torch.no_grad():
+        m.final_layer.linear.weight.normal_(std=0.1)
+    return m, torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 2])
+
+
 PARAMS_32x32x3 = {"S": 28.49, "B": 119.20, "M": 229.45, "L": 404.11, "H": 900.69}
 PARAMS_LATENT = {"S": 29.13, "B": 121.16, "M": 231.41, "L": 407.25, "H": 906.97}
 
@@ -1464,11 +1464,7 @@ def test_null_label_only_under_dropout_or_guidance():
 
 
 def test_grad_checkpoint_gives_the_same_gradients():
-    torch.manual_seed(0)
-    m = tiny_model(num_classes=10)
-    with torch.no_grad():
-        m.final_layer.linear.weight.normal_(std=0.1)
-    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 2])
+    m, x, t, y = conditional_model_and_batch()
     grads = []
     for ckpt in (False, True):
         m.grad_checkpoint = ckpt
