@@ -28,7 +28,10 @@ Glossary of shape letters and index names, one meaning each throughout the file:
 In the scan, h (h_i) is the SSM state of Mamba's notation, n numbers per channel, not a height.
 Other sizes have names: d_conv (the causal conv's width), chunk (tokens per chunk of the lean scan).
 """
+import importlib
+import importlib.util
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -80,7 +83,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 # The one switch of every fast path: which implementation runs the model's scans (and, for "fused", its blocks).
-#   "auto"       mamba-ssm's CUDA kernel where it can run, else the lean PyTorch scan (the default)
+#   "auto"       the default. On CUDA: "fused" once a first-use check on that device has passed (one small
+#                block, fused against lean; section 5), else mamba-ssm's kernel where it can run, else "lean".
+#                Elsewhere: "lean"
 #   "ref"        selective_scan_ref above, exactly as written (slow; keeps every (b, d_inner, l, n) tensor)
 #   "lean"       the lean PyTorch scan of section 5: the same math, a fraction of the memory
 #   "mamba_ssm"  mamba-ssm's kernel; an error where it cannot run
@@ -102,7 +107,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if backend == "ref":
         return selective_scan_ref(*args)
-    if backend in ("triton", "fused"):
+    if backend in ("triton", "fused") or fused_path_runs(u, backend):
         return triton_module(backend).selective_scan_triton(*args)
     if backend in ("auto", "mamba_ssm") and mamba_kernel_usable(*args[:8]):
         return mamba_selective_scan_fn(*args[:6], z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
@@ -237,7 +242,7 @@ class Block(nn.Module):
     def forward(self, hidden, residual, skip=None):                                     # (b, l, d) each
         if self.skip_linear is not None:
             hidden = self.skip_linear(torch.cat([hidden, skip], dim=-1))                 # (b, l, d)
-        if SCAN_BACKEND == "fused":   # the rest of this block as fused Triton kernels (section 5)
+        if fused_path_runs(hidden):   # the rest of this block as fused Triton kernels (section 5)
             return fused_block(self, hidden, residual)
         if residual is None:   # first block: the embedded tokens start the stream
             residual = hidden.float()                                                   # (b, l, d)
@@ -873,8 +878,11 @@ def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None):
 
 
 def triton_module(backend):
-    """scan_triton.py, imported on first use, so that DiS.py copied alone never needs it."""
+    """scan_triton.py, imported on first use, so that DiS.py copied alone never needs it: the one beside this
+    file when DiS.py is part of a package (pkg.DiS finds pkg.scan_triton), else a top-level scan_triton."""
     try:
+        if __package__ and importlib.util.find_spec(f"{__package__}.scan_triton") is not None:
+            return importlib.import_module(f"{__package__}.scan_triton")
         import scan_triton
     except ImportError as e:
         raise RuntimeError(f"scan backend {backend!r} needs scan_triton.py beside DiS.py and Triton ({e}); "
@@ -911,3 +919,80 @@ def fused_block(block, hidden, residual):
     normed, residual = st.add_rms_norm_triton(hidden, residual, block.norm.weight, block.norm.eps, scale=scale,
                                               out_dtype=_autocast_dtype(hidden))      # (b, l, d) each
     return st.bimamba_inner_fn(normed, *mixer_weights(block.mixer)), residual                  # (b, l, d)
+
+
+# What "auto" runs on CUDA. The fused path is the fastest one we have, but its kernels are compiled on the
+# user's GPU by the user's Triton: before it runs there, one small block runs fused and lean, forward and
+# backward under bf16 autocast, and must agree. Any failure keeps the PyTorch path, with one warning.
+# The verdict is kept per device for the process; a torch.compile trace only reads it (the scripts decide
+# before they compile: call resolve_auto(device) first in your own code if you compile).
+# max |fused - lean| / max |lean| of each output and gradient: bf16 rounding alone leaves a few percent between
+# the two paths at this size, a wrong kernel is off by about the whole scale
+AUTO_CHECK_TOLERANCE = 0.1
+_AUTO_VERDICT = {}            # (device type, index) -> (backend, reason)
+
+
+def fused_path_runs(x, backend=None):
+    """Whether the fused Triton path runs for tensors like x: backend (default SCAN_BACKEND) is "fused", or
+    "auto" on a CUDA device whose first-use check passed."""
+    backend = backend or SCAN_BACKEND
+    if backend != "auto" or x.device.type != "cuda":
+        return backend == "fused"
+    if torch.compiler.is_compiling():
+        verdict = _AUTO_VERDICT.get((x.device.type, x.device.index))
+        return verdict is not None and verdict[0] == "fused"
+    return resolve_auto(x.device)[0] == "fused"
+
+
+def resolve_auto(device):
+    """(backend, reason): what SCAN_BACKEND "auto" runs on device, and why, e.g. ("fused", "checked on NVIDIA
+    H100 80GB HBM3") or ("lean", "Triton not importable (...)"). The first call for a CUDA device runs the check
+    (a fraction of a second) and warns in one line if the fused path is not taken."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "lean", f"the PyTorch scan on {device.type}"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    if key not in _AUTO_VERDICT:
+        pytorch = "mamba_ssm" if mamba_selective_scan_fn is not None else "lean"
+        try:
+            _AUTO_VERDICT[key] = ("fused", fused_first_use_check(device))
+        except Exception as e:   # Triton missing, a compile error, an unsupported GPU, a mismatch: all alike
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            _AUTO_VERDICT[key] = (pytorch, f"the fused path failed its check on {device}: {reason}")
+            warnings.warn(f"DiS: {_AUTO_VERDICT[key][1]}; running {pytorch} instead", stacklevel=2)
+    return _AUTO_VERDICT[key]
+
+
+def fused_first_use_check(device, b=2, l=70, d=64):
+    """Runs one small block (with a residual, no drop-path) fused and lean under bf16 autocast, forward and
+    backward; returns "checked on <device name>", or raises with what went wrong. Leaves the random state as
+    it was."""
+    global SCAN_BACKEND
+    if not triton_module("fused").triton_scan_usable(torch.empty(0, device=device)):
+        raise RuntimeError("Triton's kernels cannot run on this device")
+    saved, results = SCAN_BACKEND, {}
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            block = Block(d, n_layer=1).to(device)
+            inputs = [torch.randn(b, l, d, device=device) for _ in range(4)]   # hidden, residual, 2 gradients
+            for backend in ("lean", "fused"):
+                SCAN_BACKEND = backend
+                hidden, residual = inputs[0].bfloat16().requires_grad_(), inputs[1].clone().requires_grad_()
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    out = block(hidden, residual)                                   # (mixer output, stream)
+                grads = torch.autograd.grad([out[0].float(), out[1]], [hidden, residual, *block.parameters()],
+                                            inputs[2:])
+                results[backend] = [t.detach().bfloat16().float() for t in (*out, *grads)]
+    finally:
+        SCAN_BACKEND = saved
+    names = ["mixer output", "stream", "grad hidden", "grad residual"] + [n for n, _ in block.named_parameters()]
+    for name, fused, lean in zip(names, results["fused"], results["lean"]):
+        error = ((fused - lean).abs().max() / lean.abs().max().clamp(min=1e-30)).item()
+        if not error <= AUTO_CHECK_TOLERANCE:   # NaN fails too
+            raise RuntimeError(f"the fused {name} differs from lean by {error:.2g} of its scale "
+                               f"(tolerance {AUTO_CHECK_TOLERANCE:g})")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"checked on {name}"

@@ -14,6 +14,9 @@ Every row names the scan it runs (lean, ref, triton, fused, mamba-ssm, stand-in)
 its back. Rows that cannot run here (Triton off CUDA, mamba-ssm not installed) are skipped and listed.
 --profile writes torch.profiler's operator table (no traces) of 3 training steps after a warm-up.
 --check compares every Triton path with the lean scan at DiS-S/2's real size: python bench.py --check --device cuda
+--compile-kernels builds every Triton kernel a fused training step launches for real GPUs, on any machine (no GPU:
+Triton's compiler and the ptxas in its wheel), and fails on a compile error or a register spill:
+    python bench.py --compile-kernels --arch 80 90
 """
 import argparse
 import functools
@@ -506,6 +509,112 @@ def check_paths(args, device):
                  ["case", "path", "output", "gradients", "worst"], rows)
 
 
+# The settings whose fused training step --compile-kernels builds: (model, image size, channels, classes, batch,
+# autocast dtype or None for float32). DiS-H/2 on 256px latents is the largest model of the paper.
+COMPILE_SETTINGS = [("DiS-S/2", 32, 3, 10, 128, torch.bfloat16), ("DiS-S/2", 32, 3, 10, 128, None),
+                    ("DiS-H/2", 32, 4, 1000, 32, torch.bfloat16)]
+
+
+def record_launches(model_name, image_size, channels, classes, batch, dtype):
+    """[(kernel, args, kwargs)] of every Triton launch in a fused training step's first and middle block
+    (forward + backward), recorded without running a kernel: the custom ops run on uninitialised CPU tensors of
+    the real shapes and strides, with Triton's launcher replaced by a recorder. Run with Triton's interpreter off."""
+    from triton.runtime.jit import JITFunction
+    st = DiS.triton_module("fused")
+    launches = []
+    saved = (JITFunction.run, st.triton_scan_usable, st._interpreter_ready, DiS.SCAN_BACKEND)
+    JITFunction.run = lambda kernel, *a, grid, warmup, **kw: launches.append((kernel, a, kw))
+    st.triton_scan_usable, st._interpreter_ready, DiS.SCAN_BACKEND = (lambda u: True), (lambda: True), "fused"
+    try:
+        with torch.device("meta"):
+            model = DiS.create_model(model_name, image_size=image_size, in_channels=channels, num_classes=classes)
+        b, l, d = batch, model.extras + model.num_patches, model.hidden_size
+        blocks = [m for m in model.modules() if isinstance(m, DiS.Block)]
+        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+        with SkipMatmuls(), autocast:
+            for block, first in ((blocks[0], True), (model.mid_block, False)):   # no residual yet; one with it
+                block = block.to_empty(device="cpu").train()
+                hidden = torch.empty(b, l, d, dtype=torch.float32 if first else dtype or torch.float32,
+                                     requires_grad=True)
+                residual = None if first else torch.empty(b, l, d, requires_grad=True)
+                out = [t for t in block(hidden, residual) if t.requires_grad]
+                torch.autograd.backward(out, [torch.empty_like(t) for t in out])
+    finally:
+        JITFunction.run, st.triton_scan_usable, st._interpreter_ready, DiS.SCAN_BACKEND = saved
+    return launches
+
+
+class SkipMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Matmuls return uninitialised tensors of their result's shape: recording launches needs no arithmetic."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm"):
+            to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t   # noqa: E731
+            out = func(*[to_meta(a) for a in args], **{k: to_meta(v) for k, v in kwargs.items()})
+            return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype)
+        return func(*args, **kwargs)
+
+
+COMPILE_JOBS = []   # (name, row, kernel, compile arguments) of each specialisation; filled before the workers fork
+
+
+def compile_kernels(archs):
+    """--compile-kernels: every specialisation of COMPILE_SETTINGS' launches, compiled for each sm_<arch> as Triton
+    would on that GPU (one worker process per core), with the log of its ptxas (registers, spills).
+    Returns (rows, problems)."""
+    import multiprocessing
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    done = set()
+    for setting in COMPILE_SETTINGS:
+        what = f"{setting[0]} {'bf16 autocast' if setting[-1] else 'float32'}"
+        launches = record_launches(*setting)
+        for arch in archs:
+            target = GPUTarget("cuda", arch, 32)
+            backend = make_backend(target)
+            for kernel, args, kwargs in launches:   # the specialisation, as Triton's launcher computes it
+                kwargs = dict(kwargs, debug=False, instrumentation_mode="")
+                bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
+                    *args, **kwargs)
+                options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
+                key = (arch, kernel.fn.__name__, repr(signature), repr(sorted(map(str, constexprs.items()))),
+                       repr(sorted(map(str, attrs.items()))), options.num_warps)
+                if key not in done:
+                    done.add(key)
+                    consts = ", ".join(f"{kernel.arg_names[k[0]]}={v}" for k, v in constexprs.items()
+                                       if kernel.params[k[0]].is_constexpr)
+                    COMPILE_JOBS.append((f"{kernel.fn.__name__} sm_{arch} ({what}; {consts})",
+                                         [kernel.fn.__name__, f"sm_{arch}", what, consts, options.num_warps],
+                                         ASTSource(kernel, signature, constexprs, attrs), target, options.__dict__))
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        results = pool.map(compile_job, range(len(COMPILE_JOBS)), chunksize=1)
+    return [row for row, _ in results], [problem for _, problem in results if problem]
+
+
+def compile_job(index):
+    """([row..., registers, spill bytes], problem or None) of COMPILE_JOBS[index]."""
+    import contextlib
+    import io
+    import re
+    import triton
+    name, row, source, target, options = COMPILE_JOBS[index]
+    triton.knobs.nvidia.dump_ptxas_log = True        # printed to stdout, caught here
+    triton.knobs.compilation.always_compile = True   # a cached kernel would come back without its log
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            triton.compile(source, target=target, options=options)
+    except Exception as e:
+        return row + ["-", "-"], f"{name}: does not compile: {' '.join(str(e).split())[-300:]}"
+    number = lambda pattern: sum(int(x) for x in re.findall(pattern, log.getvalue()))  # noqa: E731
+    regs, spills = number(r"Used (\d+) registers"), number(r"(\d+) bytes spill (?:stores|loads)")
+    problem = (f"{name}: no ptxas log to read registers and spills from" if not regs else
+               f"{name}: {spills} bytes of register spills ({regs} registers)" if spills else None)
+    return row + [regs, spills], problem
+
+
 #################################################################################
 #                                 Tables                                        #
 #################################################################################
@@ -562,6 +671,10 @@ def main():
     g.add_argument("--warmup", type=int, default=5, help="training steps before profiling")
     p.add_argument("--check", action="store_true", help="instead of timing: every Triton path against the lean scan at "
                    "--model's size (--batch, --image-size; patch 2), output and gradients")
+    p.add_argument("--compile-kernels", action="store_true", help="instead of timing: compile every Triton kernel of "
+                   "a fused training step (DiS-S/2 bf16 and float32, DiS-H/2 on 256px latents) for --arch, no GPU "
+                   "needed; exits 1 on a compile error or a register spill")
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities for --compile-kernels")
     p.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -577,6 +690,14 @@ def main():
         res = fn(*c["case"], device, args.repeats) if c["kind"] == "scan" else fn(c["case"], device, args.repeats)
         print(json.dumps(res))
         return
+    if args.compile_kernels:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            sys.exit("error: --compile-kernels compiles real kernels: unset TRITON_INTERPRET")
+        rows, problems = compile_kernels(args.arch)
+        print(table("Triton kernels compiled ahead of time", ["kernel", "target", "step", "constexprs", "warps",
+                                                            "registers", "spill bytes"], rows))
+        print("\n".join(problems) or f"{len(rows)} specialisations: all compile, no spills")
+        sys.exit(1 if problems else 0)
     if args.check:
         text = check_paths(args, device)
         print(text)

@@ -9,6 +9,7 @@ import glob
 import os
 import signal
 import sys
+import warnings
 
 import torch
 
@@ -86,13 +87,15 @@ def pick_device(choice, index=0):
 
 def add_scan_backend_flag(parser):
     parser.add_argument("--scan-backend", default="auto", choices=DiS.SCAN_BACKENDS,
-                        help="DiS.SCAN_BACKEND: auto = mamba-ssm's CUDA kernel where installed, else lean; lean "
-                             "= the lean PyTorch scan; ref = the plain loop; mamba_ssm = mamba-ssm's kernel; triton "
-                             "= the Triton scan; fused = Triton blocks (token-major, no flips); the last three need CUDA")
+                        help="DiS.SCAN_BACKEND: auto = on CUDA the fused Triton path once a first-use check passes, "
+                             "else mamba-ssm's kernel where installed, else lean (on a CPU: lean); lean = the lean "
+                             "PyTorch scan; ref = the plain loop; mamba_ssm = mamba-ssm's kernel; triton = the Triton "
+                             "scan; fused = Triton blocks (token-major, no flips); the last three need CUDA")
 
 
 def set_scan_backend(name, device):
-    """DiS.SCAN_BACKEND = name, after checking that it can run on device (one line if it cannot)."""
+    """DiS.SCAN_BACKEND = name, after checking that it can run on device (one line if it cannot). Returns the
+    line the scripts print: which scan runs and why ("auto" decides here, with its first-use check on CUDA)."""
     if name == "mamba_ssm" and (DiS.mamba_selective_scan_fn is None or device.type != "cuda"):
         raise UserError("--scan-backend mamba_ssm needs mamba-ssm installed and a CUDA device; "
                         "use --scan-backend auto")
@@ -105,6 +108,12 @@ def set_scan_backend(name, device):
             raise UserError(f"--scan-backend {name} needs a CUDA device (its Triton kernels run on a CPU only "
                             f"in Triton's slow interpreter); use --scan-backend auto")
     DiS.SCAN_BACKEND = name
+    if name != "auto":
+        return f"scan backend: {name} (--scan-backend {name})"
+    with warnings.catch_warnings():   # the line returned says it all
+        warnings.simplefilter("ignore")
+        backend, reason = DiS.resolve_auto(device)
+    return f"scan backend: {backend} (auto: {reason})"
 
 
 def mixed_precision(device):

@@ -86,7 +86,7 @@ def main(args):
         if os.path.exists(t):
             raise UserError(f"{t} exists already; pass another --out or --seed, or remove it")
     device = pick_device(args.device)
-    set_scan_backend(args.scan_backend, device)
+    print(set_scan_backend(args.scan_backend, device))
     model = model_from_checkpoint(ckpt, path, weights).to(device).eval()
     vae = load_vae(args.vae or config["vae"], device) if config["latents"] else None
     out_dir = os.path.dirname(os.path.abspath(out))

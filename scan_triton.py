@@ -69,6 +69,7 @@ Triton runs on the CPU only through its interpreter: set TRITON_INTERPRET=1 befo
 imported (by anything: importing torch._dynamo does it) and leave it set; triton.jit reads it when the
 kernels below are defined, and triton reads it again at run time.
 """
+import functools
 import os
 from typing import Optional
 
@@ -107,6 +108,19 @@ def _interpreter_ready():
     return INTERPRETED and _interpret_flag() and own_ok
 
 
+def _on_its_device(fn):
+    """fn run with its first tensor's CUDA device as the current one: Triton launches on the current device,
+    so a model on cuda:1 works without torch.cuda.set_device."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is None or x.device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(x.device):
+            return fn(*args, **kwargs)
+    return run
+
+
 def triton_scan_usable(u):
     """True when these kernels can run on u: CUDA tensors (compiled kernels), or CPU tensors when Triton's
     interpreter is on (see the module docstring; correct but slow, for tests). Float32/16 and bfloat16 only."""
@@ -127,8 +141,12 @@ def triton_scan_usable(u):
 
 @triton.jit
 def _softplus(x):
-    # log(1 + e^x) without overflow for large x and without rounding to 0 for very negative x
-    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+    # log1p(e^x) by Kahan's trick, log(w) * e / (w - 1) with w = 1 + e: log(1 + e^x) alone keeps only a few
+    # bits of e^x once it is far below 1 (x near -15); e itself once w rounds to 1; x itself past 20
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    tiny = w == 1.0
+    return tl.where(x > 20.0, x, tl.where(tiny, e, tl.log(w) * (e / tl.where(tiny, 1.0, w - 1.0))))
 
 
 @triton.jit
@@ -397,6 +415,7 @@ def _bwd_result(token_major, u, g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias):
 
 
 @torch.library.custom_op("dis_scan::selective_scan_fwd", mutates_args=())
+@_on_its_device
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
               delta_softplus: bool, chunk: int, reverse: bool = False, add: Optional[torch.Tensor] = None,
@@ -425,6 +444,7 @@ def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, r
 
 
 @torch.library.custom_op("dis_scan::selective_scan_bwd", mutates_args=())
+@_on_its_device
 def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
               C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
               delta_bias: Optional[torch.Tensor], starts: torch.Tensor, delta_softplus: bool, chunk: int,
@@ -740,6 +760,7 @@ def _conv_width(weight):
     return weight.shape[1] if weight is not None else 1
 
 
+@_on_its_device
 def _conv_fwd_impl(x, weight_f, bias_f, weight_b, bias_b, activation):
     """(u_f, u_b): the causal conv of x with (weight_f, bias_f) and the reverse one with (weight_b, bias_b),
     in one launch; a direction whose weight is None is skipped, and its output is None."""
@@ -758,6 +779,7 @@ def _conv_fwd_impl(x, weight_f, bias_f, weight_b, bias_b, activation):
     return u_f, u_b
 
 
+@_on_its_device
 def _conv_bwd_impl(g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, activation):
     """The gradients (g_x, g_weight_f, g_bias_f, g_weight_b, g_bias_b) of _conv_fwd_impl's outputs for the
     upstream g_u_f, g_u_b. A direction whose gradient is None adds nothing (its g_weight, g_bias are 0); one
@@ -1043,6 +1065,7 @@ def _unit_last_stride(x):
 
 
 @torch.library.custom_op("dis_scan::add_rms_norm_fwd", mutates_args=())
+@_on_its_device
 def _add_rms_norm_fwd(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                       scale: Optional[torch.Tensor], eps: float, out_dtype: Optional[torch.dtype]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1070,6 +1093,7 @@ def _add_rms_norm_fwd_fake(hidden, residual, weight, scale, eps, out_dtype):
 
 
 @torch.library.custom_op("dis_scan::add_rms_norm_bwd", mutates_args=())
+@_on_its_device
 def _add_rms_norm_bwd(g_normed: torch.Tensor, g_residual_out: Optional[torch.Tensor], residual_out: torch.Tensor,
                       weight: torch.Tensor, scale: Optional[torch.Tensor], eps: float, hidden_dtype: torch.dtype,
                       need_g_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -211,6 +211,86 @@ def test_scan_dispatch_uses_kernel_only_when_usable(monkeypatch):
         DiS.selective_scan(*args, backend="cuda", **kw)
 
 
+def fake_cuda(*shape, index=0):
+    """A fake CUDA tensor (no GPU needed): enough for code that only looks at a tensor's device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        return torch.empty(shape, device=f"cuda:{index}")
+
+
+@pytest.fixture
+def auto_fresh(monkeypatch):
+    """No device checked yet, SCAN_BACKEND "auto", no mamba-ssm; returns the list of devices the check ran on
+    once a test replaces the check with calls.fake."""
+    monkeypatch.setattr(DiS, "_AUTO_VERDICT", {})
+    monkeypatch.setattr(DiS, "SCAN_BACKEND", "auto")
+    monkeypatch.setattr(DiS, "mamba_selective_scan_fn", None)
+    calls = []
+    return calls
+
+
+def test_auto_on_cuda_takes_the_fused_path_once_its_check_passes(monkeypatch, auto_fresh):
+    import warnings
+    monkeypatch.setattr(DiS, "fused_first_use_check", lambda device: auto_fresh.append(device) or "checked on fake")
+    x0, x1 = fake_cuda(2, 3), fake_cuda(2, 3, index=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a passing check says nothing
+        assert DiS.fused_path_runs(x0) and DiS.fused_path_runs(x0) and DiS.fused_path_runs(x1)
+    assert auto_fresh == [torch.device("cuda", 0), torch.device("cuda", 1)]   # once per device
+    assert DiS.resolve_auto(torch.device("cuda", 0)) == ("fused", "checked on fake")
+    for forced in ("lean", "ref", "triton", "mamba_ssm"):   # a forced backend never runs the check
+        monkeypatch.setattr(DiS, "SCAN_BACKEND", forced)
+        assert not DiS.fused_path_runs(fake_cuda(2, 3, index=2))
+    monkeypatch.setattr(DiS, "SCAN_BACKEND", "fused")
+    assert DiS.fused_path_runs(fake_cuda(2, 3, index=2)) and DiS.fused_path_runs(torch.zeros(1))
+    assert len(auto_fresh) == 2
+    monkeypatch.setattr(DiS, "SCAN_BACKEND", "auto")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # a trace only reads verdicts
+    assert DiS.fused_path_runs(x1) and not DiS.fused_path_runs(fake_cuda(2, 3, index=3))
+    assert len(auto_fresh) == 2
+
+
+@pytest.mark.parametrize("failure", ["no triton", "raises", "mismatch"])
+def test_auto_keeps_the_pytorch_path_with_one_warning_when_the_check_fails(monkeypatch, auto_fresh, failure):
+    if failure == "no triton":
+        def no_triton(backend):
+            raise RuntimeError("scan backend 'fused' needs scan_triton.py beside DiS.py and Triton (No module named "
+                               "'triton')")
+        monkeypatch.setattr(DiS, "triton_module", no_triton)
+    else:
+        def check(device):
+            auto_fresh.append(device)
+            if failure == "raises":
+                raise RuntimeError("PTX .version 8.7 does not support .target sm_120")
+            raise RuntimeError("the fused grad hidden differs from lean by 0.9 of its scale (tolerance 0.1)")
+        monkeypatch.setattr(DiS, "fused_first_use_check", check)
+    x = fake_cuda(2, 3)
+    with pytest.warns(UserWarning) as caught:
+        assert not DiS.fused_path_runs(x) and not DiS.fused_path_runs(x)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    backend, reason = DiS.resolve_auto(torch.device("cuda", 0))
+    expected = {"no triton": "No module named 'triton'", "raises": "sm_120", "mismatch": "differs from lean"}[failure]
+    assert backend == "lean" and expected in reason and expected in str(caught[0].message)
+    assert len(auto_fresh) == (failure != "no triton")
+    monkeypatch.setattr(DiS, "mamba_selective_scan_fn", object())   # with mamba-ssm installed: its kernel instead
+    monkeypatch.setattr(DiS, "_AUTO_VERDICT", {})
+    with pytest.warns(UserWarning, match="running mamba_ssm instead"):
+        assert DiS.resolve_auto(torch.device("cuda", 0))[0] == "mamba_ssm"
+
+
+def test_auto_off_cuda_is_the_lean_scan_without_a_check(monkeypatch, auto_fresh):
+    import warnings
+    monkeypatch.setattr(DiS, "fused_first_use_check", lambda device: auto_fresh.append(device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not DiS.fused_path_runs(torch.zeros(2, 3))
+        assert DiS.resolve_auto("cpu") == ("lean", "the PyTorch scan on cpu")
+    assert auto_fresh == []
+    from dis_cli import set_scan_backend
+    assert set_scan_backend("auto", torch.device("cpu")) == "scan backend: lean (auto: the PyTorch scan on cpu)"
+    assert set_scan_backend("ref", torch.device("cpu")) == "scan backend: ref (--scan-backend ref)"
+
+
 def test_ref_backend_runs_the_model_on_section_1_alone(monkeypatch):
     """SCAN_BACKEND = "ref": the model's scans are selective_scan_ref itself (nothing of section 5 runs), and
     the model's output and gradients equal those with the lean scan."""
@@ -258,8 +338,8 @@ def test_sections_1_to_4_need_only_the_two_hooks_of_section_5():
         used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & fast_names
         if used:
             seen[name] = used
-    assert seen == {"selective_scan": {"selective_scan_lean", "mamba_kernel_usable", "triton_module"},
-                    "Block.forward": {"fused_block"}}, seen
+    assert seen == {"selective_scan": {"selective_scan_lean", "mamba_kernel_usable", "triton_module", "fused_path_runs"},
+                    "Block.forward": {"fused_path_runs", "fused_block"}}, seen
 
 
 @pytest.mark.skipif(DiS.mamba_selective_scan_fn is None or not torch.cuda.is_available(),
@@ -1360,6 +1440,118 @@ def test_fused_model_equals_readable_and_compiles(st, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-5)
 
 
+def test_first_use_check_passes_the_fused_path_and_catches_a_wrong_one(st, monkeypatch):
+    """The check "auto" runs before taking the fused path on a GPU, for real (on the interpreter here): it passes,
+    leaves the random state and SCAN_BACKEND as they were, and fails a fused path whose output is off."""
+    device = torch.device(TRITON_DEVICE)
+    monkeypatch.setattr(DiS, "SCAN_BACKEND", "auto")
+    rng = torch.get_rng_state()
+    assert DiS.fused_first_use_check(device, l=9, d=16).startswith("checked on ")
+    assert torch.equal(torch.get_rng_state(), rng) and DiS.SCAN_BACKEND == "auto"
+    right = st.bimamba_inner_fn
+    monkeypatch.setattr(st, "bimamba_inner_fn", lambda *a: right(*a) * 1.3)
+    with pytest.raises(RuntimeError, match=r"mixer output differs from lean by 0\.(29|3)"):
+        DiS.fused_first_use_check(device, l=9, d=16)
+    assert DiS.SCAN_BACKEND == "auto"
+
+
+def test_triton_softplus_keeps_its_relative_accuracy(st):
+    """dt = softplus(delta) read back through a one-token scan (y = dt u B C = dt): right to float32's precision
+    over the whole range, the very negative deltas (dt ~ e^delta, tiny) included."""
+    delta = torch.linspace(-40, 40, 321, dtype=torch.float64)
+    d = delta.numel()
+    ones = lambda *shape: torch.ones(*shape, device=TRITON_DEVICE)   # noqa: E731
+    y = st.selective_scan_triton(ones(1, d, 1), delta.float().to(TRITON_DEVICE)[None, :, None], -ones(d, 1),
+                                 ones(1, 1, 1), ones(1, 1, 1), delta_softplus=True)
+    expected = torch.where(delta > 30, delta, torch.log1p(torch.exp(delta)))
+    torch.testing.assert_close(y.flatten().double().cpu(), expected, rtol=2e-6, atol=0)
+
+
+def test_kernels_launch_under_their_tensors_device(st, monkeypatch):
+    """Every function of scan_triton.py that launches a kernel makes its first tensor's CUDA device current, so a
+    model on cuda:1 runs without torch.cuda.set_device; the guard itself, with a fake cuda:1 tensor."""
+    import ast
+    tree = ast.parse(open(os.path.join(HERE, "scan_triton.py")).read())
+    launchers = {f.name: {ast.unparse(d) for d in f.decorator_list} for f in tree.body if isinstance(f, ast.FunctionDef)
+                 and any(isinstance(n, ast.Subscript) and ast.unparse(n.value).endswith("_kernel") for n in ast.walk(f))}
+    assert len(launchers) >= 6 and all("_on_its_device" in d for d in launchers.values()), launchers
+    seen = []
+
+    class Guard:
+        def __init__(self, device):
+            seen.append(torch.device(device))
+
+        def __enter__(self):
+            seen.append("in")
+
+        def __exit__(self, *exc):
+            seen.append("out")
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    run = st._on_its_device(lambda x, k=1: seen.append("ran") or k)
+    assert run(fake_cuda(2, index=1), k=5) == 5 and seen == [torch.device("cuda", 1), "in", "ran", "out"]
+    assert run(torch.zeros(2)) == 1 and seen[4:] == ["ran"]   # CPU tensors: nothing to guard
+
+
+def test_DiS_and_scan_triton_copied_into_a_package(tmp_path):
+    """pkg/DiS.py reaches pkg/scan_triton.py (not a top-level scan_triton) with only pkg's parent on sys.path, and
+    runs the fused path there; DiS.py copied alone runs the model without it."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "alone").mkdir()
+    for name, folder in (("DiS.py", "pkg"), ("scan_triton.py", "pkg"), ("DiS.py", "alone")):
+        shutil.copy(os.path.join(HERE, name), tmp_path / folder / name)
+    code = """if True:
+        import sys, torch
+        import pkg.DiS as D
+        st = D.triton_module("fused")
+        assert st.__name__ == "pkg.scan_triton" and "scan_triton" not in sys.modules, st.__name__
+        torch.manual_seed(0)
+        block = D.Block(8, n_layer=1)
+        hidden, residual = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+        out = {}
+        for backend in ("lean", "fused"):
+            D.SCAN_BACKEND = backend
+            out[backend] = block(hidden, residual)[0]
+        torch.testing.assert_close(out["fused"], out["lean"], rtol=1e-4, atol=1e-5)
+        sys.path.insert(0, sys.argv[1])
+        import DiS
+        m = DiS.create_model("DiS-T/4", image_size=8, in_channels=1)
+        assert m(torch.randn(1, 1, 8, 8), torch.tensor([5])).shape == (1, 2, 8, 8)
+        assert "scan_triton" not in sys.modules and DiS.resolve_auto("cpu")[0] == "lean"
+        print("ok")
+    """
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "alone")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_every_kernel_compiles_for_real_gpus_without_spills():
+    """What CI's interpreter never does: compile each kernel specialisation of a fused training step (DiS-S/2 in
+    bf16 autocast and float32, DiS-H/2 on 256px latents) for sm_80 and sm_90 with Triton's own compiler and the
+    ptxas in its wheel, no GPU; any compile error or register spill fails, naming the kernel and specialisation."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except Exception as e:
+        ptxas, why = None, f"{type(e).__name__}: {e}"
+    if not ptxas or not os.path.exists(ptxas):
+        if CI:
+            pytest.fail(f"Triton's ptxas is missing ({ptxas or why}): the kernels cannot be compiled")
+        pytest.skip("needs the ptxas of Triton's wheel")
+    import ast
+    tree = ast.parse(open(os.path.join(HERE, "scan_triton.py")).read())
+    kernels = [f.name for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.endswith("_kernel")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "bench.py", "--compile-kernels", "--arch", "80", "90"], cwd=HERE, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "all compile, no spills" in r.stdout
+    for name in kernels:   # every kernel of scan_triton.py is launched by the step, for each target
+        for arch in (80, 90):
+            assert f"| {name} | sm_{arch} |" in r.stdout, (name, arch)
+
+
 #################################################################################
 #                                 Mixer and model                               #
 #################################################################################
@@ -1790,6 +1982,8 @@ def test_train_on_fashion_mnist_writes_checkpoints_and_grids(fmnist_run):
     with Image.open(os.path.join(fmnist_run, "samples", "0000004.png")) as im:
         assert im.size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)           # a 4x4 grid with 2px padding
     assert len(logged_losses(fmnist_run)) == 4
+    with open(os.path.join(fmnist_run, "log.txt")) as f:   # which scan ran, and why, comes first
+        assert f.readline().strip() == "scan backend: lean (auto: the PyTorch scan on cpu)"
 
 
 def test_resume_continues_the_same_loss_trajectory(fmnist, fmnist_run, tmp_path):

@@ -182,7 +182,7 @@ def setup(args, given):
     if args.resume:   # the run's own settings, except what a resumed run may change
         path, ckpt, args = resume(args, given, RESUME_MAY_CHANGE)
     r.args = args
-    set_scan_backend(args.scan_backend, r.device)
+    r.scan_line = set_scan_backend(args.scan_backend, r.device)   # each rank checks its own device
     args.image_size = args.image_size or (256 if args.dataset == "latents" else 32)
     if args.global_batch_size % r.world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {r.world} processes")
@@ -348,6 +348,7 @@ def ddp_checks(r):
 def main(args, given=frozenset()):
     check_args(args)
     r = setup(args, given)
+    r.log(r.scan_line, echo=True)
     r.log(f"args: {json.dumps(vars(r.args))}")
     r.log(f"{r.args.model}: {sum(p.numel() for p in r.model.parameters()):,} parameters, {len(r.dataset)} training "
           f"items, {r.world} process(es), device {r.device}")
