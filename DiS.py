@@ -16,12 +16,12 @@ runs on nothing else; the fifth only makes it fast:
 
 Glossary of shape letters and index names, one meaning each throughout the file:
   b        batch size
-  l        sequence length: extra tokens (time, label) + patches
+  l        sequence length: the extra tokens ([label,] time) + the patches
   d        model width, d_model
   d_inner  width inside the mixer, expand * d: the scan's channels
   n        SSM state size per channel, d_state
   dt_rank  rank of the low-rank projection that makes delta (ceil(d / 16))
-  c, h, w  image channels, height, width;  p  patch size
+  c, h, w  image channels, height, width;  p  patch size (DiT's conditioning vector c is called cond here)
   i        a token's position in the scan: u_i, h_i, decay_i, ...
   t        a diffusion timestep, an integer in [0, 1000) (in the sampler, a step of the respaced schedule,
            and t_model the training timestep it stands for)
@@ -149,27 +149,28 @@ class SSM(nn.Module):
     def __init__(self, d_inner, d_state=16, d_conv=4, dt_rank=8, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
-        # padded by d_conv - 1 on both sides; forward keeps the first l outputs, so token i sees i-3..i only
+        # padded by d_conv - 1 on both sides; forward keeps the first l outputs, so token i sees tokens
+        # i - d_conv + 1 .. i only (causal)
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        # dt_proj's weight: uniform in +-dt_rank^-0.5, so its outputs start with unit scale; its bias: chosen
-        # so that softplus(bias) = dt with dt log-uniform in [dt_min, dt_max], each channel its own time scale.
+        # dt_proj's weight: uniform in +-dt_rank^-0.5 (Mamba's dt_init "random" at dt_scale 1), small enough
+        # that the bias sets dt at the start; its bias: chosen so that softplus(bias) = dt with dt log-uniform
+        # in [dt_min, dt_max], each channel its own time scale (DiS.initialize_weights leaves it alone).
         nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
         dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # inverse of softplus
-        self.dt_proj.bias._no_reinit = True   # DiS.initialize_weights zeroes every other Linear bias
         # A = -exp(A_log) = -(1, 2, ..., n) per channel (S4D-real): decay rates spread over time scales.
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
-        self.D = nn.Parameter(torch.ones(d_inner))   # skip connection u -> y
+        self.D = nn.Parameter(torch.ones(d_inner))   # the direct term D * u of y (Mamba's "D skip")
 
     def forward(self, x, z):                                                            # x, z: (b, d_inner, l)
         x = F.silu(self.conv1d(x)[..., :x.shape[-1]])                                   # (b, d_inner, l)
         x_dbl = self.x_proj(x.transpose(1, 2))                                          # (b, l, dt_rank + 2n)
-        delta, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (delta @ self.dt_proj.weight.t()).transpose(1, 2)                       # (b, d_inner, l); bias in scan
+        delta_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # delta_low: (b, l, dt_rank)
+        delta = (delta_low @ self.dt_proj.weight.t()).transpose(1, 2)                   # (b, d_inner, l); bias in scan
         B = B.transpose(1, 2).contiguous()                                              # (b, n, l)
         C = C.transpose(1, 2).contiguous()                                              # (b, n, l)
         A = -torch.exp(self.A_log.float())                                              # (d_inner, n)
@@ -228,18 +229,19 @@ def drop_path(x, prob, training):
 
 class Block(nn.Module):
     """Add -> RMSNorm -> mixer (models_dis.Block, as in mamba-ssm). It takes and returns the pair
-    (mixer output, residual stream) instead of nanoGPT's x = x + mixer(norm(x)), because DiS's long skips
-    need each in-block's mixer output on its own, before it joins the stream; the add happens at the start
-    of the next block. Out-blocks first merge a long skip: Linear(2d, d) on [incoming mixer output, skip]."""
+    (mixer output, residual stream) instead of nanoGPT's x = x + mixer(norm(x)), for two reasons: mamba-ssm
+    does so to fuse the add with the next norm (our fused path does too), and DiS's long skips need each
+    in-block's mixer output on its own, before it joins the stream. The add happens at the start of the next
+    block. Out-blocks (takes_skip) first merge a long skip: Linear(2d, d) on [incoming mixer output, skip]."""
 
-    def __init__(self, dim, n_layer, drop_prob=0.0, skip=False, **mixer_kwargs):
+    def __init__(self, dim, n_layer, drop_prob=0.0, takes_skip=False, **mixer_kwargs):
         super().__init__()
-        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.skip_linear = nn.Linear(2 * dim, dim) if takes_skip else None
         self.norm = nn.RMSNorm(dim, eps=1e-5)
         self.mixer = BiMamba(dim, n_layer=n_layer, **mixer_kwargs)
         self.drop_prob = drop_prob   # drop-path of the incoming mixer output (the previous block's)
 
-    def forward(self, hidden, residual, skip=None):                                     # (b, l, d) each
+    def forward(self, hidden, residual, skip=None):          # (b, l, d) each; skip: an in-block's mixer output
         if self.skip_linear is not None:
             hidden = self.skip_linear(torch.cat([hidden, skip], dim=-1))                 # (b, l, d)
         if fused_path_runs(hidden):   # the rest of this block as fused Triton kernels (section 5)
@@ -314,11 +316,11 @@ class DiS(nn.Module):
         # block's, so the list starts with a 0.0 for the first block (which receives the embedded tokens), and
         # the last mixer output, added after the loop in mix(), gets the full rate.
         drop_rates = [0.0] + [drop_path_rate * k / max(depth - 1, 1) for k in range(depth)]
-        def block(index, skip=False):
-            return Block(hidden_size, depth, drop_prob=drop_rates[index], skip=skip, **mixer_kwargs)
+        def block(index, takes_skip=False):
+            return Block(hidden_size, depth, drop_prob=drop_rates[index], takes_skip=takes_skip, **mixer_kwargs)
         self.in_blocks = nn.ModuleList([block(k) for k in range(depth // 2)])
         self.mid_block = block(depth // 2)
-        self.out_blocks = nn.ModuleList([block(depth // 2 + 1 + k, skip=True) for k in range(depth // 2)])
+        self.out_blocks = nn.ModuleList([block(depth // 2 + 1 + k, takes_skip=True) for k in range(depth // 2)])
         self.final_drop_prob = drop_path_rate
         # Mamba's final RMSNorm, then DiT's final layer, which has a LayerNorm of its own: two norms in a row,
         # as in the official code (kept, so that the architecture and its parameters match it)
@@ -327,11 +329,12 @@ class DiS(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # As the official code (models_dis._init_weights): zero Linear biases except dt_proj's,
-        # embeddings N(0, 0.02); in_proj, x_proj, convs keep PyTorch's defaults; out_proj and dt_proj
-        # were set in BiMamba / SSM.
+        # As the official code (models_dis._init_weights): zero Linear biases except dt_proj's (which hold the
+        # time scales SSM.__init__ drew), embeddings N(0, 0.02); in_proj, x_proj, convs keep PyTorch's defaults;
+        # out_proj and dt_proj were set in BiMamba / SSM.
+        dt_projs = [m.dt_proj for m in self.modules() if isinstance(m, SSM)]
         for m in self.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+            if isinstance(m, nn.Linear) and m.bias is not None and not any(m is p for p in dt_projs):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
@@ -365,11 +368,11 @@ class DiS(nn.Module):
         patches = rearrange(self.patch_embed(x), "b d rows cols -> b (rows cols) d")   # (b, num_patches, d)
         time = self.time_embed(timestep_embedding(t, self.hidden_size))                # (b, d)
         if self.label_embed is None:
-            extras, cond = [time], None
+            front, cond = [time], None
         else:
             label = self.label_embed(y)                                                 # (b, d)
-            extras, cond = [label, time], time + label
-        tokens = torch.cat([token[:, None] for token in extras] + [patches], dim=1)     # (b, l, d)
+            front, cond = [label, time], time + label
+        tokens = torch.cat([token[:, None] for token in front] + [patches], dim=1)      # (b, l, d)
         return tokens + self.pos_embed, cond
 
     def mix(self, hidden):
@@ -493,6 +496,15 @@ class Diffusion:
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * (1 - self.betas).sqrt() / (1 - self.alphas_cumprod)
+        # the rest of what the formulas read, all in float64 here: 1 - acp is tiny for small t
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
+        self.log_betas = torch.log(self.betas)
+        # the fixed "large" variance: beta_t, with the posterior variance at t = 0 (DiT's default without learn_sigma)
+        self.log_large_variance = torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]]))
+        self._on_device = {}   # (table, device, dtype) -> the table there, made once
 
     def sampling_steps(self, sampler, steps=None):
         """`steps`, or the sampler's default, checked against this schedule (scripts check flags with it)."""
@@ -514,15 +526,21 @@ class Diffusion:
         betas = 1 - acp / F.pad(acp[:-1], (1, 0), value=1.0)   # so that the kept alphas_cumprod are unchanged
         return Diffusion(betas=betas, timestep_map=self.timestep_map[keep])
 
-    @staticmethod
-    def _per_sample(table, t, x):
-        """table[t] shaped to broadcast against x (b, ...), in x's dtype."""
-        return table.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    def _table(self, name, device, dtype):
+        """The table self.<name> on device in dtype, cast once per device and dtype (on the CPU first: some
+        devices have no float64)."""
+        key = (name, torch.device(device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, name).to(dtype).to(device)
+        return self._on_device[key]
+
+    def _per_sample(self, name, t, x):
+        """self.<name>[t] shaped to broadcast against x (b, ...), in x's dtype."""
+        return self._table(name, x.device, x.dtype)[t].reshape(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(acp_t) x_0 + sqrt(1 - acp_t) eps"""
-        # the square roots are taken in float64, before the cast: 1 - acp is tiny for small t
-        signal, sigma = self._per_sample(self.alphas_cumprod.sqrt(), t, x0), self._per_sample((1 - self.alphas_cumprod).sqrt(), t, x0)
+        signal, sigma = self._per_sample("sqrt_alphas_cumprod", t, x0), self._per_sample("sqrt_one_minus_alphas_cumprod", t, x0)
         return signal * x0 + sigma * noise
 
     def p_mean_variance(self, model_out, x_t, t, clip_denoised=False):
@@ -531,30 +549,29 @@ class Diffusion:
         c = x_t.shape[1]
         if model_out.shape[1] == 2 * c:
             eps, v = model_out.split(c, dim=1)
-            min_log = self._per_sample(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._per_sample(torch.log(self.betas), t, x_t)
+            min_log = self._per_sample("posterior_log_variance_clipped", t, x_t)
+            max_log = self._per_sample("log_betas", t, x_t)
             frac = (v + 1) / 2                                   # v in [-1, 1] -> [0, 1]
             log_var = frac * max_log + (1 - frac) * min_log
         elif model_out.shape[1] == c:
             eps = model_out
-            large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
-            log_var = self._per_sample(torch.log(large), t, x_t).expand_as(x_t)
+            log_var = self._per_sample("log_large_variance", t, x_t).expand_as(x_t)
         else:
             raise ValueError(f"the model returned {model_out.shape[1]} channels for {c}-channel inputs; "
                              f"expected {c} or {2 * c} (with learned sigma)")
-        recip, recip_m1 = (self._per_sample(table.sqrt(), t, x_t)
-                           for table in (1 / self.alphas_cumprod, 1 / self.alphas_cumprod - 1))
+        recip, recip_m1 = (self._per_sample(name, t, x_t)
+                           for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
         x0 = recip * x_t - recip_m1 * eps                                     # invert q_sample
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        mean = self._per_sample(self.posterior_mean_coef1, t, x_t) * x0 + self._per_sample(self.posterior_mean_coef2, t, x_t) * x_t
+        mean = self._per_sample("posterior_mean_coef1", t, x_t) * x0 + self._per_sample("posterior_mean_coef2", t, x_t) * x_t
         return mean, log_var, x0, eps
 
     def vb_terms_bpd(self, model_out, x0, x_t, t):
         """The VLB term in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and
         the decoder's negative log-likelihood of x_0 at t = 0, each averaged over non-batch dims. (b,)"""
-        true_mean = self._per_sample(self.posterior_mean_coef1, t, x0) * x0 + self._per_sample(self.posterior_mean_coef2, t, x0) * x_t
-        true_log_var = self._per_sample(self.posterior_log_variance_clipped, t, x0)
+        true_mean = self._per_sample("posterior_mean_coef1", t, x0) * x0 + self._per_sample("posterior_mean_coef2", t, x0) * x_t
+        true_log_var = self._per_sample("posterior_log_variance_clipped", t, x0)
         mean, log_var, _, _ = self.p_mean_variance(model_out, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
@@ -568,7 +585,7 @@ class Diffusion:
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)                                              # (b, c, h, w)
-        out = model(x_t, self.timestep_map.to(t.device)[t], y)                         # (b, c or 2c, h, w)
+        out = model(x_t, self._table("timestep_map", t.device, t.dtype)[t], y)          # (b, c or 2c, h, w)
         out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
         c = x0.shape[1]
         loss = mean_flat((noise - out[:, :c]) ** 2)                                    # (b,)
@@ -606,7 +623,20 @@ class Diffusion:
         free guidance: the conditional and null-label halves run in one batch, and every noise channel
         is guided; the variance comes from the conditional half. clip_denoised: clamp the predicted x_0
         to [-1, 1] (right for pixels, wrong for latents). progress: True for a progress bar of its own, or a tqdm bar
-        (of several calls) that advances by one per step."""
+        (of several calls) that advances by one per step. A model in training mode samples in eval mode (no
+        label dropout, no drop-path) and gets its modes back."""
+        modes = [(m, m.training) for m in model_fn.modules()] if isinstance(model_fn, nn.Module) else []
+        try:
+            for m, _ in modes:
+                m.training = False
+            return self._sample(model_fn, shape, y, steps, sampler, cfg_scale, null_label, generator, progress,
+                                clip_denoised, eta, device)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _sample(self, model_fn, shape, y, steps, sampler, cfg_scale, null_label, generator, progress, clip_denoised,
+                eta, device):
         steps = self.sampling_steps(sampler, steps)
         null_label, device = self._check_sample_args(model_fn, y, cfg_scale, null_label, generator, device)
         guided = cfg_scale != 1.0
@@ -619,7 +649,7 @@ class Diffusion:
             bar = tqdm(total=steps, desc=f"{sampler} sampling")
         for step in range(schedule.num_timesteps - 1, -1, -1):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)   # index into the respaced tables
-            t_model = schedule.timestep_map.to(device)[t]                       # the training timestep it stands for
+            t_model = schedule._table("timestep_map", device, t.dtype)[t]       # the training timestep it stands for
             if guided:
                 out = model_fn(torch.cat([x, x]), torch.cat([t_model, t_model]),
                                torch.cat([y, torch.full_like(y, null_label)]))
@@ -630,8 +660,8 @@ class Diffusion:
                 out = model_fn(x, t_model, y).float()
             out = out.to(x.dtype)
             mean, log_var, x0, _ = schedule.p_mean_variance(out, x, t, clip_denoised)
-            last = step == 0                                   # no noise is added at the last step
-            noise = 0.0 if last else torch.randn(shape, generator=generator, device=device, dtype=x.dtype)
+            noiseless = step == 0 or (sampler == "ddim" and eta == 0)   # the last step adds none; nor DDIM at eta 0
+            noise = 0.0 if noiseless else torch.randn(shape, generator=generator, device=device, dtype=x.dtype)
             if sampler == "ddpm":
                 x = mean + torch.exp(0.5 * log_var) * noise
             else:  # DDIM (Song et al.), eps recomputed from the (possibly clipped) x_0

@@ -487,7 +487,7 @@ def check_paths(args, device):
         rows.append(error_row(f"scan ({b}, {2 * d}, {l}, 16), {str(dtype)[6:]} inputs", "triton", results["triton"],
                               results["lean"], ["out"] + [f"grad {k}" for k in x], outputs=1))
     torch.manual_seed(0)
-    block = DiS.Block(d, n_layer=model.depth, drop_prob=0.1, skip=False).to(device)   # one of the model's blocks
+    block = DiS.Block(d, n_layer=model.depth, drop_prob=0.1).to(device)   # one of the model's blocks
     half = torch.bfloat16 if device.type == "cuda" else torch.float32   # the mixer output, as under autocast
     hidden, residual = torch.randn(b, l, d, generator=g).to(device, half), torch.randn(b, l, d, generator=g).to(device)
     g_hidden, g_residual = (torch.randn(b, l, d, generator=g).to(device) for _ in range(2))

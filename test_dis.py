@@ -1875,6 +1875,66 @@ def test_samplers_shapes_and_reproducibility():
         assert a.shape == (2, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_sampling_a_model_in_training_mode_samples_it_in_eval_mode():
+    """Label dropout and drop-path are for training: sample() runs the model in eval mode (the same samples as
+    an eval-mode model from the same generator) and gives every module its mode back."""
+    m, _, _, y = conditional_model_and_batch()
+    m.drop_path_rate = 0.5
+    for block in m.modules():
+        if isinstance(block, DiS.Block):
+            block.drop_prob = 0.5
+    m.label_embed.dropout_prob = 0.5
+    d = DiS.Diffusion()
+    kw = dict(y=y, steps=3, sampler="ddpm", cfg_scale=2.0)
+    expected = d.sample(m.eval(), (2, 3, 16, 16), generator=torch.Generator().manual_seed(1), **kw)
+    m.train()
+    m.final_layer.eval()   # a mixed state comes back as it was
+    got = d.sample(m, (2, 3, 16, 16), generator=torch.Generator().manual_seed(1), **kw)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert m.training and m.label_embed.training and not m.final_layer.training
+
+
+def test_ddim_at_eta_0_draws_only_its_starting_noise():
+    m = tiny_model(num_classes=0).eval()
+    g = torch.Generator().manual_seed(3)
+    DiS.Diffusion().sample(m, (2, 3, 16, 16), steps=4, sampler="ddim", eta=0.0, generator=g)
+    after_start = torch.Generator().manual_seed(3)
+    torch.randn((2, 3, 16, 16), generator=after_start)
+    assert torch.equal(g.get_state(), after_start.get_state())
+    DiS.Diffusion().sample(m, (2, 3, 16, 16), steps=4, sampler="ddim", eta=1.0, generator=g)   # eta > 0 draws
+    torch.randn((2, 3, 16, 16), generator=after_start)
+    assert not torch.equal(g.get_state(), after_start.get_state())
+
+
+def test_schedule_tables_move_to_a_device_once_per_dtype(monkeypatch):
+    """Sampling reads the schedule tables at every step: each is cast and moved once per device and dtype, never
+    as float64 (some devices have none)."""
+    m = tiny_model(num_classes=0).eval()
+    d = DiS.Diffusion()
+    moves = []
+    to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if self.dtype == torch.float64 and any(isinstance(a, (str, torch.device)) for a in args):
+            raise AssertionError("a float64 table moved to a device")
+        if self.ndim == 1 and len(self) in (1000, 5):   # a table of the schedule or of the respaced one
+            moves.append(args)
+        return to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    d.training_loss(m, torch.randn(2, 3, 16, 16))
+    d.training_loss(m, torch.randn(2, 3, 16, 16))
+    schedule = d.respace(5)
+    monkeypatch.setattr(d, "respace", lambda steps: schedule)
+    d.sample(m, (2, 3, 16, 16), steps=5, sampler="ddpm")
+    moves.clear()
+    d.sample(m, (2, 3, 16, 16), steps=5, sampler="ddpm")
+    d.training_loss(m, torch.randn(2, 3, 16, 16))
+    assert moves == []   # the second time, every table was there already
+    assert {dtype for _, _, dtype in [*d._on_device, *schedule._on_device]} == {torch.float32, torch.int64}
+    for x in list(d._on_device.values()) + list(schedule._on_device.values()):
+        assert x.dtype != torch.float64
+
+
 def test_guidance_uses_null_label_and_guides_every_channel():
     seen = []
 
