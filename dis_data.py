@@ -1,6 +1,11 @@
 """
 The training data of train.py (and the image folders of encode_latents.py): every dataset yields
 (x, label) with x in [0, 1] (images) or as stored (latents).
+
+Run as a script, it writes PNG folders for FID tools that read folders (pytorch-fid): a dataset's training
+images, as train.py sees them (the reference), or the images of a sample.py .npz:
+    python dis_data.py --dataset cifar10 --out cifar10_train_png
+    python dis_data.py --npz results/000-DiS-S-2/samples/<name>.npz --out samples_png
 """
 import bisect
 import glob
@@ -9,6 +14,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 
 import torch
 from torch.utils.data import Dataset
@@ -130,3 +136,56 @@ def latents_meta(path):
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}/meta.json not found: {path} is not a latents folder made by encode_latents.py")
+
+
+def write_pngs(images, out):
+    """Each uint8 image (h, w, c), c = 1 or 3, of an iterable as out/000000.png, 000001.png, ...; returns the count."""
+    from PIL import Image
+    os.makedirs(out, exist_ok=True)
+    count = 0
+    for count, a in enumerate(images, 1):
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(os.path.join(out, f"{count - 1:06d}.png"))
+    return count
+
+
+def dataset_images(kind, path, image_size, num, seed=0):
+    """uint8 (h, w, c) arrays of `num` training images of train.py's --dataset (all when num is 0), drawn at random
+    with a fixed seed (not the first classes only), without flips."""
+    if kind == "latents":
+        raise UserError("latents are not images: make the reference from the image folder they were encoded from "
+                        "(--dataset folder --data-path IMAGES --image-size N)")
+    ds, _, _ = make_dataset(kind, path, image_size, class_cond=False)
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    for i in order[:num or len(ds)].tolist():
+        yield (ds[i][0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()   # ToTensor's x / 255, undone
+
+
+def main(argv=None):
+    import argparse
+    import numpy as np
+    from dis_cli import HelpFormatter
+    p = argparse.ArgumentParser(description="Write PNG folders for FID (see README.md): a dataset's training images, "
+                                "or the samples of an .npz from sample.py.", formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="a new folder (an existing non-empty one is refused)")
+    p.add_argument("--npz", default=None, help="sample.py's .npz (arr_0: uint8 (N, H, W, C)); else --dataset")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "fashion-mnist", "mnist", "folder"],
+                   help="the training images, as train.py reads them")
+    p.add_argument("--data-path", default="data", help="as train.py's --data-path")
+    p.add_argument("--image-size", type=int, default=32, help="as train.py's --image-size (folders: resized, cropped)")
+    p.add_argument("--num", type=int, default=50000, help="images drawn at random from the dataset; 0 for all")
+    args = p.parse_args(argv)
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise UserError(f"{args.out} exists and is not empty; pass a new --out")
+    if args.npz:
+        if not os.path.isfile(args.npz):
+            raise UserError(f"{args.npz} does not exist; pass the .npz that sample.py wrote")
+        images = np.load(args.npz)["arr_0"]
+    else:
+        images = dataset_images(args.dataset, args.data_path, args.image_size, args.num)
+    print(f"wrote {write_pngs(images, args.out)} images to {args.out}")
+
+
+if __name__ == "__main__":
+    from dis_cli import run
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    run(main)

@@ -2094,6 +2094,35 @@ def test_sample_writes_an_npz_from_the_checkpoint(fmnist_run, tmp_path):
     expect_user_error(r, "exists already")                            # never overwrites
 
 
+def test_readme_fid_folders_from_a_dataset_and_from_samples(fmnist, fmnist_run, tmp_path):
+    """The README's FID recipe up to pytorch-fid itself (which downloads its Inception weights): sample.py's .npz and
+    the training set as PNG folders, the reference images exactly as train.py reads them."""
+    import numpy as np
+    from PIL import Image
+    npz = str(tmp_path / "s")
+    run_script("sample.py", "--ckpt", fmnist_run, "--num-samples", "3", "--sampler", "ddim", "--num-sampling-steps",
+               "2", "--out", npz)
+    r = run_script("dis_data.py", "--npz", npz + ".npz", "--out", str(tmp_path / "samples_png"))
+    assert "wrote 3 images" in r.stdout
+    arr = np.load(npz + ".npz")["arr_0"]
+    for i in range(3):
+        with Image.open(tmp_path / "samples_png" / f"{i:06d}.png") as im:
+            assert np.array_equal(np.asarray(im), arr[i, ..., 0])
+    run_script("dis_data.py", "--dataset", "fashion-mnist", "--data-path", fmnist, "--num", "5",
+               "--out", str(tmp_path / "ref"))
+    from dis_data import make_dataset
+    ds, _, _ = make_dataset("fashion-mnist", fmnist, 32, False)
+    drawn = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:5].tolist()   # at random, seed 0
+    assert sorted(os.listdir(tmp_path / "ref")) == [f"{i:06d}.png" for i in range(5)]
+    for k, i in enumerate(drawn):
+        with Image.open(tmp_path / "ref" / f"{k:06d}.png") as im:   # the training image itself, padded to 32x32
+            assert np.array_equal(np.asarray(im), (ds[i][0][0] * 255).round().to(torch.uint8).numpy())
+    expect_user_error(run_script("dis_data.py", "--npz", npz + ".npz", "--out", str(tmp_path / "ref"), ok=False),
+                      "not empty")                                     # nothing is overwritten
+    expect_user_error(run_script("dis_data.py", "--npz", "missing.npz", "--out", str(tmp_path / "new"), ok=False),
+                      "does not exist")
+
+
 def make_pngs(root, classes, n, size=20):
     from PIL import Image
     g = torch.Generator().manual_seed(0)
