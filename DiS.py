@@ -976,8 +976,9 @@ def fused_path_runs(x, backend=None):
 
 def resolve_auto(device):
     """(backend, reason): what SCAN_BACKEND "auto" runs on device, and why, e.g. ("fused", "checked on NVIDIA
-    H100 80GB HBM3") or ("lean", "Triton not importable (...)"). The first call for a CUDA device runs the check
-    (a fraction of a second) and warns in one line if the fused path is not taken."""
+    H100 80GB HBM3") or ("lean", "the fused path failed its check on cuda:0: <what went wrong>"). The first call
+    for a CUDA device runs the check (a fraction of a second) and warns in one line if the fused path is not
+    taken."""
     device = torch.device(device)
     if device.type != "cuda":
         return "lean", f"the PyTorch scan on {device.type}"
@@ -997,14 +998,15 @@ def resolve_auto(device):
 
 def fused_first_use_check(device, b=2, l=70, d=64):
     """Runs one small block (with a residual, no drop-path) fused and lean under bf16 autocast, forward and
-    backward; returns "checked on <device name>", or raises with what went wrong. Leaves the random state as
-    it was."""
+    backward (also when called under no_grad, e.g. from the first forward of sampling); returns "checked on
+    <device name>", or raises with what went wrong. Leaves the random state as it was."""
     global SCAN_BACKEND
     if not triton_module("fused").triton_scan_usable(torch.empty(0, device=device)):
         raise RuntimeError("Triton's kernels cannot run on this device")
     saved, results = SCAN_BACKEND, {}
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(0)
             block = Block(d, n_layer=1).to(device)
             inputs = [torch.randn(b, l, d, device=device) for _ in range(4)]   # hidden, residual, 2 gradients

@@ -1448,6 +1448,8 @@ def test_first_use_check_passes_the_fused_path_and_catches_a_wrong_one(st, monke
     rng = torch.get_rng_state()
     assert DiS.fused_first_use_check(device, l=9, d=16).startswith("checked on ")
     assert torch.equal(torch.get_rng_state(), rng) and DiS.SCAN_BACKEND == "auto"
+    with torch.no_grad():   # e.g. the first forward of a sampler
+        assert DiS.fused_first_use_check(device, b=1, l=3, d=8).startswith("checked on ")
     right = st.bimamba_inner_fn
     monkeypatch.setattr(st, "bimamba_inner_fn", lambda *a: right(*a) * 1.3)
     with pytest.raises(RuntimeError, match=r"mixer output differs from lean by 0\.(29|3)"):
