@@ -114,7 +114,9 @@ def test_lean_scan_gradcheck(chunk, l, matmul, keep_states):
 
 def test_lean_scan_keeps_states_only_when_they_are_small(monkeypatch):
     """keep_states' default: the (l, b, d_inner, n) tensors are saved below KEEP_STATES_MB, not above; a
-    kept scan's graph can be run backward twice (its backward writes into no saved tensor)."""
+    kept scan's graph can be run backward twice (its backward writes into no saved tensor). The small-scan
+    path is switched off, so that these sizes run the chunked lean scan."""
+    monkeypatch.setattr(DiS, "SMALL_SCAN_MB", 0)
     x = scan_inputs(2, 4, 6, 3, dtype=torch.float32)
     args = [x[k] for k in ("u", "delta", "A", "B", "C")]
     kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
