@@ -653,6 +653,9 @@ class Diffusion:
 #                         (the trick of mamba-ssm's CUDA kernel), so only (b, d_inner, l)-sized tensors and
 #                         the chunk states are kept. Small scans (below KEEP_STATES_MB) keep every state
 #                         instead, and their backward recomputes nothing.
+#   selective_scan_small  PyTorch, for small scans on CPUs (below SMALL_SCAN_MB; selective_scan_lean hands
+#                         them over): every state kept, each step over the whole sequence at once, in a
+#                         layout where every op runs along contiguous rows of d_inner numbers.
 #   mamba-ssm's kernel    selective_scan_fn, a fused CUDA kernel; "auto" takes it on CUDA when it is installed.
 #   scan_triton.py        Triton kernels (nothing to compile ahead of time): the scan alone ("triton"), and
 #                         fused_block ("fused"), the whole of Block.forward after the skip merge in a few
@@ -662,6 +665,8 @@ class Diffusion:
 # Keeping the states saves the backward's recomputation but streams three more (l, b, d_inner, n) tensors
 # through memory: it pays only while they stay near the cache (README, Performance).
 KEEP_STATES_MB = 16
+# On a CPU, below this the whole-sequence scan is the faster (at every size measured), and its kept states
+# are small enough; above it, selective_scan_lean's bounded memory is worth more than the speed.
 SMALL_SCAN_MB = 16
 
 
@@ -848,7 +853,7 @@ class _SmallScan(torch.autograd.Function):
     runs over the whole sequence at once (only the two recurrences walk the tokens). Everything inside is
     token-major, (l, b, d_inner), (l, b, n), and for the states (l, b, n, d_inner), the state before the
     channel: every broadcast and every contraction over n then runs along contiguous rows of d_inner numbers
-    (in a (..., d_inner, n) layout they stride over n, several times slower on a CPU). The output and the
+    (in a (..., d_inner, n) layout they stride over n, which a CPU vectorizes badly). The output and the
     gradients are (b, ., l) views of token-major memory, which the model's projections read without a
     transposing copy."""
 
@@ -925,10 +930,10 @@ def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     chunk: tokens per chunk, one saved state each (default 16 on CUDA, 8 elsewhere).
     matmul: contract with batched matmul (default on CUDA) or with multiply-and-sum (default elsewhere).
     keep_states: keep every state (3 float32 tensors of (l, b, d_inner, n)) for a backward that recomputes
-    nothing; default: when a gradient is needed and they take at most KEEP_STATES_MB."""
-    if chunk is None and matmul is None and keep_states is None and u.device.type == "cpu" \
-            and 2 * 4 * u.numel() * A.shape[1] <= SMALL_SCAN_MB * 2 ** 20:
-        return _SmallScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    nothing; default: when a gradient is needed and they take at most KEEP_STATES_MB.
+    With chunk, matmul and keep_states all left to it, a small scan on a CPU runs selective_scan_small."""
+    if chunk is None and matmul is None and keep_states is None and small_scan_suits(u, A):
+        return selective_scan_small(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     chunk = chunk or (16 if u.is_cuda else 8)
     matmul = u.is_cuda if matmul is None else matmul
     if keep_states is None:
@@ -936,6 +941,20 @@ def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
         needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
         keep_states = needs_grad and 3 * 4 * u.numel() * A.shape[1] <= KEEP_STATES_MB * 2 ** 20
     return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul, keep_states)
+
+
+@torch.compiler.disable  # as selective_scan_lean: the token loop runs eagerly
+def selective_scan_small(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The whole-sequence scan (_SmallScan): same arguments and result as selective_scan_ref. Keeps two
+    float32 tensors of (l, b, n, d_inner) for the backward: selective_scan_lean takes it on CPUs while they
+    fit in SMALL_SCAN_MB (small_scan_suits)."""
+    return _SmallScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def small_scan_suits(u, A):
+    """True for a scan on a CPU whose kept states (decay and state, 2 x 4 bytes x b d_inner l n) take at
+    most SMALL_SCAN_MB."""
+    return u.device.type == "cpu" and 2 * 4 * u.numel() * A.shape[1] <= SMALL_SCAN_MB * 2 ** 20
 
 
 def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None):
