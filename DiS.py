@@ -883,20 +883,22 @@ class _SmallScan(torch.autograd.Function):
                 sig = torch.sigmoid(z_l)
                 silu = z_l * sig
                 out = y * silu                                                          # (l, b, d_inner)
-        ctx.save_for_backward(A, B, C, D, z, delta_bias, A_t, pre, dt, u_l, dtu, B_l, C_l, decay, hs,
-                              *((y, sig, silu) if z is not None else ()))
-        ctx.dtypes, ctx.delta_softplus = (u.dtype, delta.dtype), delta_softplus
+        gate = (y, sig, silu) if z is not None else ()
+        ctx.save_for_backward(D, A_t, pre, dt, u_l, dtu, B_l, C_l, decay, hs, *gate)
+        ctx.dtypes = [x.dtype if x is not None else None for x in (u, delta, A, B, C, z, delta_bias)]
+        ctx.delta_softplus = delta_softplus
         return _batch_major(out.to(u.dtype))                                            # (b, d_inner, l)
 
     # The backward of _LeanScan's derivation, for the whole sequence at once; G holds g_h, and
     # g_(dt A)_i = g_h_i a_i h_{i-1} uses the kept states directly (it is 0 for the first token).
     @staticmethod
     def backward(ctx, g_out):
-        A, B, C, D, z, delta_bias, A_t, pre, dt, u_l, dtu, B_l, C_l, decay, hs, *gate = ctx.saved_tensors
+        D, A_t, pre, dt, u_l, dtu, B_l, C_l, decay, hs, *gate = ctx.saved_tensors
+        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype, z_dtype, bias_dtype = ctx.dtypes
         with _no_autocast(dt):
             g_y = _token_major(g_out.to(dt.dtype))                                      # (l, b, d_inner)
             g_z = None
-            if z is not None:
+            if gate:   # z was given
                 y, sig, silu = gate
                 g_z = g_y * y * torch.addcmul(sig, silu, 1 - sig)                       # g_out y silu'(z)
                 g_y = g_y * silu                                                        # g_out silu(z)
@@ -916,11 +918,10 @@ class _SmallScan(torch.autograd.Function):
                 g_u.addcmul_(g_y, D.to(dt.dtype))
             if ctx.delta_softplus:                                                      # softplus' = sigmoid
                 g_dt *= torch.sigmoid(pre)
-            g_bias = g_dt.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
-        u_dtype, delta_dtype = ctx.dtypes
-        return (_batch_major(g_u.to(u_dtype)), _batch_major(g_dt.to(delta_dtype)), g_A.to(A.dtype),
-                _batch_major(g_B.to(B.dtype)), _batch_major(g_C.to(C.dtype)), g_D,
-                _batch_major(g_z.to(z.dtype)) if z is not None else None, g_bias, None)
+            g_bias = g_dt.sum((0, 1)).to(bias_dtype) if bias_dtype is not None else None
+        return (_batch_major(g_u.to(u_dtype)), _batch_major(g_dt.to(delta_dtype)), g_A.to(A_dtype),
+                _batch_major(g_B.to(B_dtype)), _batch_major(g_C.to(C_dtype)), g_D,
+                _batch_major(g_z.to(z_dtype)) if g_z is not None else None, g_bias, None)
 
 
 @torch.compiler.disable  # torch.compile would unroll the token loop: compile the rest, run this scan eagerly
