@@ -643,8 +643,9 @@ def main():
                     print(rows[-1], flush=True)
         out.append(table("Selective scan (b x d_inner x l x n)", ["scan", "shape", "dtype", "forward ms", "fwd+bwd ms",
                                                                   "peak MB"], rows,
-                         note="dtype: of u, delta, z, B, C (A, D, delta_bias float32). lean: DiS.selective_scan_lean; "
-                              "ref: the plain-autograd loop; triton: scan_triton.py; stand-in: not a scan, reads the "
+                         note="dtype: of u, delta, z, B, C (A, D, delta_bias float32). lean: DiS.selective_scan_lean "
+                              "with its defaults (on a CPU, scans below DiS.SMALL_SCAN_MB run small); small: "
+                              "DiS.selective_scan_small, the whole-sequence scan; ref: the plain-autograd loop; triton: scan_triton.py; stand-in: not a scan, reads the "
                               "inputs and writes the output once (a floor for any kernel)."))
     if "model" in wanted:
         rows = []
@@ -660,7 +661,8 @@ def main():
                 print(rows[-1], flush=True)
         out.append(table(f"Training step ({mixed})", ["model", "input", "classes", "batch", "variant", "params M",
                                                       "img/s", "step ms", "peak MB", "first step s"], rows,
-                         note="variant: the scan (lean, ref, triton, mamba-ssm, stand-in) or, for DiT, eager; "
+                         note="variant: the scan (lean, chunked, ref, triton, mamba-ssm, stand-in) or, for DiT, eager; "
+                              "chunked: lean without its whole-sequence path for small scans (DiS.SMALL_SCAN_MB = 0); "
                               "+compile: torch.compile; +ckpt: gradient checkpointing of every block."))
     if "sample" in wanted:
         rows = []
