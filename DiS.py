@@ -688,6 +688,9 @@ class Diffusion:
 #                         (the trick of mamba-ssm's CUDA kernel), so only (b, d_inner, l)-sized tensors and
 #                         the chunk states are kept. Small scans (below KEEP_STATES_MB) keep every state
 #                         instead, and their backward recomputes nothing.
+#   selective_scan_small  PyTorch, for small scans on CPUs (below SMALL_SCAN_MB; selective_scan_lean hands
+#                         them over): every state kept, each step over the whole sequence at once, in a
+#                         layout where every op runs along contiguous rows of d_inner numbers.
 #   mamba-ssm's kernel    selective_scan_fn, a fused CUDA kernel; "auto" takes it on CUDA when it is installed.
 #   scan_triton.py        Triton kernels (nothing to compile ahead of time): the scan alone ("triton"), and
 #                         fused_block ("fused"), the whole of Block.forward after the skip merge in a few
@@ -697,6 +700,9 @@ class Diffusion:
 # Keeping the states saves the backward's recomputation but streams three more (l, b, d_inner, n) tensors
 # through memory: it pays only while they stay near the cache (README, Performance).
 KEEP_STATES_MB = 16
+# On a CPU, below this the whole-sequence scan is the faster (at every size measured), and its kept states
+# are small enough; above it, selective_scan_lean's bounded memory is worth more than the speed.
+SMALL_SCAN_MB = 16
 
 
 def _discretize(u, delta, A, B, delta_bias, delta_softplus):
@@ -877,6 +883,82 @@ class _LeanScan(torch.autograd.Function):
                 _batch_major(g_C_l).to(C.dtype), g_D, g_z, g_bias, None, None, None, None)
 
 
+class _SmallScan(torch.autograd.Function):
+    """The scan of small sizes on CPUs: every state kept, so the backward recomputes nothing, and each step
+    runs over the whole sequence at once (only the two recurrences walk the tokens). Everything inside is
+    token-major, (l, b, d_inner), (l, b, n), and for the states (l, b, n, d_inner), the state before the
+    channel: every broadcast and every contraction over n then runs along contiguous rows of d_inner numbers
+    (in a (..., d_inner, n) layout they stride over n, which a CPU vectorizes badly). The output and the
+    gradients are (b, ., l) views of token-major memory, which the model's projections read without a
+    transposing copy."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        with _no_autocast(u):
+            dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+            A_t = A.to(dtype).t().contiguous()                                          # (n, d_inner)
+            pre = _token_major(delta.to(dtype))                                         # (l, b, d_inner)
+            if delta_bias is not None:   # not in place: pre may be delta itself (contiguous() returns it)
+                pre = pre + delta_bias.to(dtype)
+            dt = F.softplus(pre) if delta_softplus else pre                             # (l, b, d_inner)
+            u_l = _token_major(u.to(dtype))                                             # (l, b, d_inner)
+            B_l, C_l = _token_major(B.to(dtype)), _token_major(C.to(dtype))             # (l, b, n)
+            dtu = dt * u_l                                                              # (l, b, d_inner)
+            decay = torch.mul(dt[:, :, None], A_t).exp_()                               # (l, b, n, d_inner)
+            hs = torch.mul(dtu[:, :, None], B_l[..., None])                             # the drives, then the states
+            for i in range(1, hs.shape[0]):
+                hs[i].addcmul_(decay[i], hs[i - 1])                                     # h_i = a_i h_{i-1} + drive_i
+            y = torch.matmul(C_l[:, :, None], hs)[:, :, 0]                              # <h_i, C_i>, (l, b, d_inner)
+            if D is not None:
+                y = torch.addcmul(y, u_l, D.to(dtype))                                  # (l, b, d_inner)
+            sig = silu = None
+            out = y
+            if z is not None:
+                z_l = _token_major(z.to(dtype))                                         # (l, b, d_inner)
+                sig = torch.sigmoid(z_l)
+                silu = z_l * sig
+                out = y * silu                                                          # (l, b, d_inner)
+        gate = (y, sig, silu) if z is not None else ()
+        ctx.save_for_backward(D, A_t, pre, dt, u_l, dtu, B_l, C_l, decay, hs, *gate)
+        ctx.dtypes = [x.dtype if x is not None else None for x in (u, delta, A, B, C, z, delta_bias)]
+        ctx.delta_softplus = delta_softplus
+        return _batch_major(out.to(u.dtype))                                            # (b, d_inner, l)
+
+    # The backward of _LeanScan's derivation, for the whole sequence at once; G holds g_h, and
+    # g_(dt A)_i = g_h_i a_i h_{i-1} uses the kept states directly (it is 0 for the first token).
+    @staticmethod
+    def backward(ctx, g_out):
+        D, A_t, pre, dt, u_l, dtu, B_l, C_l, decay, hs, *gate = ctx.saved_tensors
+        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype, z_dtype, bias_dtype = ctx.dtypes
+        with _no_autocast(dt):
+            g_y = _token_major(g_out.to(dt.dtype))                                      # (l, b, d_inner)
+            g_z = None
+            if gate:   # z was given
+                y, sig, silu = gate
+                g_z = g_y * y * torch.addcmul(sig, silu, 1 - sig)                       # g_out y silu'(z)
+                g_y = g_y * silu                                                        # g_out silu(z)
+            g_D = (g_y * u_l).sum((0, 1)).to(D.dtype) if D is not None else None
+            G = torch.mul(g_y[:, :, None], C_l[..., None])                              # (l, b, n, d_inner)
+            for i in reversed(range(G.shape[0] - 1)):
+                G[i].addcmul_(decay[i + 1], G[i + 1])                                   # g_h_i += a_{i+1} g_h_{i+1}
+            g_C = torch.matmul(hs, g_y[..., None])[..., 0]                              # sum_d_inner g_y h, (l, b, n)
+            g_B = torch.matmul(G, dtu[..., None])[..., 0]                               # (l, b, n)
+            g_dtu = torch.matmul(B_l[:, :, None], G)[:, :, 0]                           # <g_h_i, B_i>, (l, b, d_inner)
+            g_dtA = G[1:].mul_(decay[1:]).mul_(hs[:-1])                                 # (l - 1, b, n, d_inner)
+            g_A = (g_dtA * dt[1:, :, None]).sum((0, 1)).t()                             # (d_inner, n)
+            g_dt = g_dtu * u_l                                                          # (l, b, d_inner)
+            g_dt[1:] += g_dtA.mul_(A_t).sum(2)                                          # <g_(dt A)_i, A>
+            g_u = g_dtu.mul_(dt)                                                        # (l, b, d_inner)
+            if D is not None:
+                g_u.addcmul_(g_y, D.to(dt.dtype))
+            if ctx.delta_softplus:                                                      # softplus' = sigmoid
+                g_dt *= torch.sigmoid(pre)
+            g_bias = g_dt.sum((0, 1)).to(bias_dtype) if bias_dtype is not None else None
+        return (_batch_major(g_u.to(u_dtype)), _batch_major(g_dt.to(delta_dtype)), g_A.to(A_dtype),
+                _batch_major(g_B.to(B_dtype)), _batch_major(g_C.to(C_dtype)), g_D,
+                _batch_major(g_z.to(z_dtype)) if g_z is not None else None, g_bias, None)
+
+
 @torch.compiler.disable  # torch.compile would unroll the token loop: compile the rest, run this scan eagerly
 def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=None,
                         matmul=None, keep_states=None):
@@ -884,7 +966,10 @@ def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     chunk: tokens per chunk, one saved state each (default 16 on CUDA, 8 elsewhere).
     matmul: contract with batched matmul (default on CUDA) or with multiply-and-sum (default elsewhere).
     keep_states: keep every state (3 float32 tensors of (l, b, d_inner, n)) for a backward that recomputes
-    nothing; default: when a gradient is needed and they take at most KEEP_STATES_MB."""
+    nothing; default: when a gradient is needed and they take at most KEEP_STATES_MB.
+    With chunk, matmul and keep_states all left to it, a small scan on a CPU runs selective_scan_small."""
+    if chunk is None and matmul is None and keep_states is None and small_scan_suits(u, A):
+        return selective_scan_small(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     chunk = chunk or (16 if u.is_cuda else 8)
     matmul = u.is_cuda if matmul is None else matmul
     if keep_states is None:
@@ -892,6 +977,20 @@ def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
         needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
         keep_states = needs_grad and 3 * 4 * u.numel() * A.shape[1] <= KEEP_STATES_MB * 2 ** 20
     return _LeanScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, matmul, keep_states)
+
+
+@torch.compiler.disable  # as selective_scan_lean: the token loop runs eagerly
+def selective_scan_small(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The whole-sequence scan (_SmallScan): same arguments and result as selective_scan_ref. Keeps two
+    float32 tensors of (l, b, n, d_inner) for the backward: selective_scan_lean takes it on CPUs while they
+    fit in SMALL_SCAN_MB (small_scan_suits)."""
+    return _SmallScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def small_scan_suits(u, A):
+    """True for a scan on a CPU whose kept states (decay and state, 2 x 4 bytes x b d_inner l n) take at
+    most SMALL_SCAN_MB."""
+    return u.device.type == "cpu" and 2 * 4 * u.numel() * A.shape[1] <= SMALL_SCAN_MB * 2 ** 20
 
 
 def mamba_kernel_usable(u, delta, A, B, C, D=None, z=None, delta_bias=None):

@@ -3,12 +3,14 @@ Benchmarks for DiS.py, four tables: the scan, the model (training and sampling),
 and a profiling mode for one model's training step.
     python bench.py                          # small shapes on CPU, a few minutes
     python bench.py --preset target          # the DiS-S/2 CIFAR-10 shapes on CPU (README's CPU figures)
-    python bench.py --preset quickstart      # the CPU quickstart's model (DiS-Q/8, batch 64)
+    python bench.py --preset quickstart      # the CPU quickstart's model (DiS-Q/8, batch 64) and its DiT peer
     python bench.py --preset gpu --device cuda --markdown bench_gpu.md
     python bench.py --preset gpu-quick --device cuda      # only the headline rows, meant for under 5 minutes on an H100
     python bench.py --profile --device cuda --model DiS-S/2 --batch 128 --profile-scan fused   # [--compile]
     python bench.py --profile --device cpu --model DiS-T/4 --batch 8      # writes profile_DiS-T_4_lean.txt
-Times are medians over --repeats runs after a warm-up (CUDA synchronised). Peak memory: on CUDA the
+Times are medians over --repeats runs after a warm-up (CUDA synchronised). The race table (quickstart) times
+several models in alternating rounds in one process and gives each one's speed relative to the last, the
+median over rounds: on a shared machine the fairest comparison. Peak memory: on CUDA the
 allocator's peak; on CPU the growth of the process's peak resident set, each case in a fresh process.
 Every row names the scan it runs (lean, ref, triton, fused, mamba-ssm, stand-in): nothing picks a kernel behind
 its back. Rows that cannot run here (Triton off CUDA, mamba-ssm not installed) are skipped and listed.
@@ -37,7 +39,7 @@ import DiS
 from dis_cli import mixed_precision
 
 # A variant is "<scan or mode>[+compile][+ckpt]": scans lean, ref, triton, fused (the fused Triton blocks),
-# mamba-ssm, stand-in (DiS models); modes eager, compile (DiT models). Model runs: (name, image size, channels, classes, batch, variants);
+# mamba-ssm, stand-in, chunked (DiS models); modes eager, compile (DiT models). Model runs: (name, image size, channels, classes, batch, variants);
 # samples: (name, image size, channels, classes, batch, variant); peer: (image size, channels, classes, batch,
 # [(name, variant), ...]). scans: shapes (b, d_inner, l, n); scan_names: a subset of the scan rows (default all).
 PRESETS = {
@@ -46,11 +48,14 @@ PRESETS = {
                   peer=(32, 3, 0, 4, [("DiS-S/2", "lean"), ("DiT-S/2", "eager"), ("DiT-S/2", "compile")]),
                   samples=[("DiS-T/4", 32, 1, 0, 16, "lean"), ("DiT-T/4", 32, 1, 0, 16, "eager")],
                   case_timeout=300),
-    # the CPU quickstart's model and its scan (b 64, d_inner 192, l 18, n 4)
+    # the CPU quickstart's model and its scan (b 64, d_inner 192, l 18, n 4); race: against its DiT peer
+    # (DiT-T/8, adaLN-Zero, width 128, depth 6, 2 heads, patch 8), in alternating rounds
     "quickstart": dict(scans=[(64, 192, 18, 4)], scan_dtypes=["float32"],
-                       scan_names=["lean", "lean keep_states=False", "lean keep_states=True", "ref"],
-                       models=[("DiS-Q/8", 32, 1, 10, 64, ["lean", "ref"])],
-                       samples=[("DiS-Q/8", 32, 1, 10, 64, "lean")], tables="scan,model,sample"),
+                       scan_names=["lean", "small", "lean keep_states=False", "lean keep_states=True", "ref"],
+                       models=[("DiS-Q/8", 32, 1, 10, 64, ["lean", "chunked", "ref"])],
+                       samples=[("DiS-Q/8", 32, 1, 10, 64, "lean")],
+                       race=(32, 1, 10, 64, [("DiS-Q/8", "lean"), ("DiS-Q/8", "chunked"), ("DiT-T/8", "eager")]),
+                       race_rounds=15, tables="scan,model,sample,race"),
     "target": dict(scans=[(8, 736, 258, 16), (8, 736, 1026, 16)], scan_dtypes=["float32"],
                    models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt", "lean+compile", "stand-in",
                                                       "stand-in+compile"])],
@@ -78,11 +83,12 @@ PRESETS = {
 }
 
 
-def timeit(fn, repeats, device):
+def timeit(fn, repeats, device, warmup=True):
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-    fn()  # warm-up (and compilation)
+    if warmup:
+        fn()  # warm-up (and compilation)
     sync()
     times = []
     for _ in range(repeats):
@@ -152,10 +158,10 @@ def triton_usable(device):
 def scan_variants(device):
     """The scan table's rows: name -> a function with selective_scan's arguments. Each calls one
     implementation directly (never the dispatcher), so a row runs exactly the kernel it names."""
-    v = {"lean": DiS.selective_scan_lean, "ref": DiS.selective_scan_ref}
+    v = {"lean": DiS.selective_scan_lean, "small": DiS.selective_scan_small, "ref": DiS.selective_scan_ref}
     for chunk in (4, 8, 16, 64):
         v[f"lean chunk={chunk}"] = lambda *a, chunk=chunk, **k: DiS.selective_scan_lean(*a, chunk=chunk, **k)
-    for keep in (False, True):   # the default keeps states below DiS.KEEP_STATES_MB
+    for keep in (False, True):   # the default keeps states below DiS.KEEP_STATES_MB; either given: never "small"
         v[f"lean keep_states={keep}"] = lambda *a, keep=keep, **k: DiS.selective_scan_lean(*a, keep_states=keep, **k)
     if importlib.util.find_spec("mambapy") is not None:
         v["mambapy"] = mambapy_scan
@@ -268,12 +274,16 @@ class MiniDiT(nn.Module):
         return h.view(b, s, s, self.patch, self.patch, self.c_out).permute(0, 5, 1, 3, 2, 4).reshape(b, self.c_out, hgt, hgt)
 
 
-# DiT's sizes (width, depth, heads, patch); DiT-T/4 is ours, a CPU-sized peer of DiS-T/4 for the small presets
+# DiT's sizes (width, depth, heads, patch); DiT-T/4 and DiT-T/8 are ours, CPU-sized peers of DiS-T/4 for the small
+# presets and of DiS-Q/8 for the quickstart
 DIT_CONFIGS = {"DiT-T/4": dict(d=128, depth=6, heads=2, patch=4),
+               "DiT-T/8": dict(d=128, depth=6, heads=2, patch=8),
                "DiT-S/2": dict(d=384, depth=12, heads=6, patch=2),
                "DiT-XL/2": dict(d=1152, depth=28, heads=16, patch=2)}
 
-SCAN_BACKEND_OF = {"lean": "lean", "ref": "ref", "triton": "triton", "fused": "fused", "mamba-ssm": "mamba_ssm"}
+SCAN_BACKEND_OF = {"lean": "lean", "chunked": "lean", "ref": "ref", "triton": "triton", "fused": "fused",
+                   "mamba-ssm": "mamba_ssm"}
+SMALL_SCAN_MB = DiS.SMALL_SCAN_MB
 
 
 def make_model(name, size, chans, classes):
@@ -284,10 +294,11 @@ def make_model(name, size, chans, classes):
 
 def use_scan(variant):
     """Make DiS's mixer run the scan that the variant names: DiS.SCAN_BACKEND, forced (each case is its own
-    process); the stand-in, which is not a scan, replaces DiS.selective_scan, which SSM.forward looks up at
-    call time."""
+    process); "chunked" is "lean" without its whole-sequence path for small scans (DiS.SMALL_SCAN_MB = 0);
+    the stand-in, which is not a scan, replaces DiS.selective_scan, which SSM.forward looks up at call time."""
     scan = variant.split("+")[0]
     DiS.SCAN_BACKEND = SCAN_BACKEND_OF.get(scan, "lean")
+    DiS.SMALL_SCAN_MB = 0 if scan == "chunked" else SMALL_SCAN_MB
     if scan == "stand-in":
         DiS.selective_scan = lambda *a, backend=None, **k: stand_in_scan(*a, **k)
     elif scan not in SCAN_BACKEND_OF:
@@ -342,6 +353,29 @@ def model_case(spec, device, repeats):
     t = timeit(step, repeats, device)
     return {"img_s": batch / t, "step_ms": t * 1e3, "peak_mb": mem, "first_step_s": first,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def race_case(specs, device, rounds):
+    """Training steps of several models (model_case's specs) in alternating rounds in one process, each
+    round one step of each, so that a shared or throttled machine slows them alike. Returns, per model, the
+    median step and the median over rounds of its speed relative to the last model's."""
+    runs = []
+    for spec in specs:
+        model, step = training_step(*spec, device)
+        name, variant = spec[0], spec[-1]
+        scan = (lambda v=variant: use_scan(v)) if name not in DIT_CONFIGS else (lambda: None)
+        scan()
+        step(), step()   # warm-up: the optimizer state, the allocator
+        runs.append((model, step, scan))
+    times = [[] for _ in runs]
+    for _ in range(rounds):
+        for (_, step, scan), t in zip(runs, times):
+            scan()   # a DiS variant's scan is a module-wide switch: set it before each of its steps
+            t.append(timeit(step, 1, device, warmup=False))
+    return [{"step_ms": statistics.median(t) * 1e3, "img_s": spec[4] / statistics.median(t),
+             "rel_speed": statistics.median(last / mine for last, mine in zip(times[-1], t)),
+             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+            for spec, (model, _, _), t in zip(specs, runs, times)]
 
 
 def sample_case(spec, device, repeats):
@@ -652,7 +686,7 @@ def main():
     p.add_argument("--preset", default="small", choices=list(PRESETS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: the preset's, else 5)")
-    p.add_argument("--tables", default=None, help="comma-separated subset of scan,model,sample,peer,size "
+    p.add_argument("--tables", default=None, help="comma-separated subset of scan,model,sample,peer,race,size "
                                                   "(default: the preset's, else all)")
     p.add_argument("--case-timeout", type=int, default=None,
                    help="seconds allowed to one measurement (default: the preset's, else 900)")
@@ -686,7 +720,7 @@ def main():
     args.case_timeout = args.case_timeout or preset.get("case_timeout", 900)
     if args._case:   # a child process: one measurement, printed as JSON
         c = json.loads(args._case)
-        fn = {"scan": scan_case, "model": model_case, "sample": sample_case}[c["kind"]]
+        fn = {"scan": scan_case, "model": model_case, "sample": sample_case, "race": race_case}[c["kind"]]
         res = fn(*c["case"], device, args.repeats) if c["kind"] == "scan" else fn(c["case"], device, args.repeats)
         print(json.dumps(res))
         return
@@ -730,8 +764,9 @@ def main():
                     print(rows[-1], flush=True)
         out.append(table("Selective scan (b x d_inner x l x n)", ["scan", "shape", "dtype", "forward ms", "fwd+bwd ms",
                                                                   "peak MB"], rows,
-                         note="dtype: of u, delta, z, B, C (A, D, delta_bias float32). lean: DiS.selective_scan_lean; "
-                              "ref: the plain-autograd loop; triton: scan_triton.py; stand-in: not a scan, reads the "
+                         note="dtype: of u, delta, z, B, C (A, D, delta_bias float32). lean: DiS.selective_scan_lean "
+                              "with its defaults (on a CPU, scans below DiS.SMALL_SCAN_MB run small); small: "
+                              "DiS.selective_scan_small, the whole-sequence scan; ref: the plain-autograd loop; triton: scan_triton.py; stand-in: not a scan, reads the "
                               "inputs and writes the output once (a floor for any kernel)."))
     if "model" in wanted:
         rows = []
@@ -747,7 +782,8 @@ def main():
                 print(rows[-1], flush=True)
         out.append(table(f"Training step ({mixed})", ["model", "input", "classes", "batch", "variant", "params M",
                                                       "img/s", "step ms", "peak MB", "first step s"], rows,
-                         note="variant: the scan (lean, ref, triton, mamba-ssm, stand-in) or, for DiT, eager; "
+                         note="variant: the scan (lean, chunked, ref, triton, mamba-ssm, stand-in) or, for DiT, eager; "
+                              "chunked: lean without its whole-sequence path for small scans (DiS.SMALL_SCAN_MB = 0); "
                               "+compile: torch.compile; +ckpt: gradient checkpointing of every block."))
     if "sample" in wanted:
         rows = []
@@ -775,6 +811,24 @@ def main():
         rows += ratio_rows(res)
         out.append(table(f"DiS vs DiT, training step ({mixed}), {size}x{size}x{chans}, {classes} classes, batch {batch}",
                          ["model", "variant", "params M", "forward GFLOPs / image", "img/s", "peak MB"], rows))
+    if "race" in wanted and "race" in preset:
+        size, chans, classes, batch, racers = preset["race"]
+        racers = [(name, v) for name, v in racers if variant_usable(name, v, device)]
+        rounds = preset.get("race_rounds", args.repeats)
+        res = in_subprocess("race", argparse.Namespace(**{**vars(args), "repeats": rounds}),
+                            [[name, size, chans, classes, batch, v] for name, v in racers])
+        last = racers[-1][0]
+        rows = [[name, v, "error", "", "", res["error"]] for name, v in racers] if "error" in res else [
+            [name, v, f"{r['params_m']:.2f}", f"{r['step_ms']:.0f}", f"{r['img_s']:.0f}", f"{r['rel_speed']:.2f}x"]
+            for (name, v), r in zip(racers, res)]
+        for row in rows:
+            print(row, flush=True)
+        out.append(table(f"DiS vs DiT, training step ({mixed}), {size}x{size}x{chans}, {classes} classes, batch "
+                         f"{batch}: {rounds} alternating rounds in one process",
+                         ["model", "variant", "params M", "step ms", "img/s", f"speed / {last}'s"], rows,
+                         note=f"step ms: the median over rounds; speed / {last}'s: the median over rounds of "
+                              f"{last}'s step time over the row's. chunked: the lean scan without its "
+                              f"whole-sequence path for small scans (DiS.SMALL_SCAN_MB = 0)."))
     if "size" in wanted:
         rows = []
         for name in DiS.DiS_models:

@@ -64,7 +64,8 @@ def scan_inputs(b, d, l, n, dtype=torch.float64, seed=0, requires_grad=True):
 SCANS = {"ref": DiS.selective_scan_ref, "lean": DiS.selective_scan_lean,
          "lean_chunk3": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=3, keep_states=False, **k),
          "lean_chunk3_kept": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=3, keep_states=True, **k),
-         "lean_chunk64": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=64, keep_states=False, **k)}
+         "lean_chunk64": lambda *a, **k: DiS.selective_scan_lean(*a, chunk=64, keep_states=False, **k),
+         "small": DiS.selective_scan_small}
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 4), (2, 3, 7, 4), (1, 2, 20, 3), (2, 4, 9, 4)])
@@ -114,7 +115,9 @@ def test_lean_scan_gradcheck(chunk, l, matmul, keep_states):
 
 def test_lean_scan_keeps_states_only_when_they_are_small(monkeypatch):
     """keep_states' default: the (l, b, d_inner, n) tensors are saved below KEEP_STATES_MB, not above; a
-    kept scan's graph can be run backward twice (its backward writes into no saved tensor)."""
+    kept scan's graph can be run backward twice (its backward writes into no saved tensor). The small-scan
+    path is switched off, so that these sizes run the chunked lean scan."""
+    monkeypatch.setattr(DiS, "SMALL_SCAN_MB", 0)
     x = scan_inputs(2, 4, 6, 3, dtype=torch.float32)
     args = [x[k] for k in ("u", "delta", "A", "B", "C")]
     kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
@@ -135,6 +138,67 @@ def test_lean_scan_keeps_states_only_when_they_are_small(monkeypatch):
     assert (6, 2, 4, 3) not in shapes and (1, 2, 4, 3) in shapes
     for a, b in zip(torch.autograd.grad(out.sum(), args), first):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def scan_path(out):
+    """Which scan made out: "small" or "lean" (the name of its autograd function)."""
+    return {"_SmallScanBackward": "small", "_LeanScanBackward": "lean"}[type(out.grad_fn).__name__]
+
+
+@pytest.mark.parametrize("l", [1, 2, 17, 18, 19])
+def test_small_scan_equals_reference_around_its_threshold(monkeypatch, l):
+    """selective_scan_lean's default on a CPU: the whole-sequence scan up to SMALL_SCAN_MB (here set so that
+    l = 18 is the last length that fits), the chunked lean scan above; either way the output and every
+    gradient equal selective_scan_ref's in float64, with and without D, z, delta_bias and softplus."""
+    b, d, n = 2, 3, 4
+    monkeypatch.setattr(DiS, "SMALL_SCAN_MB", 2 * 4 * b * d * 18 * n / 2 ** 20)
+    for D, z, bias, softplus in itertools.product([True, False], repeat=4):
+        x = scan_inputs(b, d, l, n, seed=l)
+        if not softplus:   # dt = delta itself: keep it positive, as softplus would
+            x["delta"] = x["delta"].detach().abs().requires_grad_()
+        for name, keep in (("D", D), ("z", z), ("delta_bias", bias)):
+            x[name] = x[name] if keep else None
+        args = [x[k] for k in ("u", "delta", "A", "B", "C")]
+        kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=softplus)
+        out = DiS.selective_scan_lean(*args, **kw)
+        assert scan_path(out) == ("small" if l <= 18 else "lean")
+        expected = DiS.selective_scan_ref(*args, **kw)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        leaves = [v for v in x.values() if v is not None]
+        g = torch.randn_like(out)
+        for a, b_ in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(expected, leaves, g)):
+            torch.testing.assert_close(a, b_, rtol=1e-9, atol=1e-10)
+
+
+def test_small_scan_is_chosen_by_size_device_and_arguments(monkeypatch):
+    """The whole-sequence scan runs for the CPU quickstart's scan (b 64, d_inner 192, l 18, n 4), not when
+    its kept states exceed SMALL_SCAN_MB, nor when chunk, matmul or keep_states is given; on CUDA never."""
+    x = scan_inputs(64, 192, 18, 4, dtype=torch.float32)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C")]
+    kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
+    assert DiS.small_scan_suits(x["u"], x["A"])
+    assert scan_path(DiS.selective_scan(*args, **kw)) == "small"   # "auto" on a CPU
+    for given in (dict(chunk=8), dict(matmul=False), dict(keep_states=True)):
+        assert scan_path(DiS.selective_scan_lean(*args, **given, **kw)) == "lean"
+    monkeypatch.setattr(DiS, "SMALL_SCAN_MB", 2 * 4 * x["u"].numel() * 4 / 2 ** 20 - 0.01)   # just too small
+    assert scan_path(DiS.selective_scan(*args, **kw)) == "lean"
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        assert not DiS.small_scan_suits(torch.empty(1, 2, 3, device="cuda"), torch.empty(2, 4, device="cuda"))
+
+
+def test_small_scan_backward_twice_and_without_grad():
+    """Its backward writes into no saved tensor (a graph can be run backward twice), and without autograd
+    it returns the same output."""
+    x = scan_inputs(2, 4, 6, 3)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C")]
+    kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
+    out = DiS.selective_scan_small(*args, **kw)
+    first = torch.autograd.grad(out.sum(), list(x.values()), retain_graph=True)
+    for a, b in zip(torch.autograd.grad(out.sum(), list(x.values())), first):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(DiS.selective_scan_small(*args, **kw), out.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -311,6 +375,37 @@ def test_ref_backend_runs_the_model_on_section_1_alone(monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
     for a, b in zip(results[1][1], results[0][1]):   # float32 sums in another order: tiny absolute differences
         torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-5)
+
+
+def test_quickstart_training_step_equals_reference_scan(monkeypatch):
+    """One whole DiS-Q/8 training step as the CPU quickstart takes it (32x32 grey images, 10 classes, the
+    hybrid loss, backward, AdamW): the default scan, which on a CPU is the whole-sequence scan, gives the
+    loss, every gradient and every updated parameter of SCAN_BACKEND = "ref" (float32 sums in another order:
+    tiny differences; AdamW's eps is raised so that its first step, lr * g / (|g| + eps), does not turn
+    them into a sign flip of a near-zero gradient)."""
+    calls, small = [], DiS.selective_scan_small
+    monkeypatch.setattr(DiS, "selective_scan_small", lambda *a: calls.append(a[0].shape) or small(*a))
+    diffusion, results = DiS.Diffusion(), []
+    for backend in ("auto", "ref"):
+        monkeypatch.setattr(DiS, "SCAN_BACKEND", backend)
+        torch.manual_seed(0)
+        m = DiS.create_model("DiS-Q/8", image_size=32, in_channels=1, num_classes=10)
+        with torch.no_grad():   # a non-zero output layer, so that every parameter gets a gradient
+            m.final_layer.linear.weight.normal_(std=0.1)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3)
+        x, y = torch.randn(8, 1, 32, 32), torch.arange(8)
+        loss = diffusion.training_loss(m, x, y)
+        loss.backward()
+        grads = [p.grad.clone() for p in m.parameters()]
+        opt.step()
+        results.append((loss.detach(), grads, [p.detach().clone() for p in m.parameters()]))
+    assert len(calls) == 2 * 7 and calls[0] == (8, 192, 18)   # both directions of all 7 layers
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=0)
+    assert all(g.abs().sum() > 0 for g in results[1][1])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_sections_1_to_4_need_only_the_two_hooks_of_section_5():
