@@ -82,7 +82,10 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_tm", "causal_conv1d_t
 
 CHUNK = 32      # steps per chunk: one saved state each, and the backward workspace holds one chunk
 BLOCK_D = 32    # channels per program; a (BLOCK_D, n) float32 state tile stays in registers
+SCAN_NUM_WARPS = 1
 NUM_WARPS = 4
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CONV_BLOCK_L = 32   # tokens per program (fewer for short sequences)
 CONV_BLOCK_D = 64   # channels per program (fewer for narrow d): 128 bytes of a bf16 row, one cache line
@@ -149,8 +152,9 @@ def _at_token0(ptr, pid_b, stride_b, r, stride_r):
 @triton.jit
 def _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D: tl.constexpr,
                          HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A (BLOCK_D, BLOCK_N), D and delta_bias (BLOCK_D,) of this program's channels, in float32 (0 if absent).
-    A_IS_LOG: the tensor holds Mamba's parameter A_log, and A = -exp(A_log) (no separate kernels for it)."""
+    """A * log2(e) (BLOCK_D, BLOCK_N), D and delta_bias (BLOCK_D,) of this program's channels, in float32 (0 if
+    absent). A_IS_LOG: the tensor holds Mamba's parameter A_log, and A = -exp(A_log) (no separate kernels for it).
+    A comes pre-scaled so that exp(dt A) is one exp2 (a single MUFU.EX2), not exp's scaling and range checks."""
     A = tl.load(A_ptr + rd[:, None] * dstate + rn[None, :], mask=mdn, other=0.0).to(tl.float32)
     if A_IS_LOG:
         A = tl.where(mdn, -tl.exp(A), 0.0)
@@ -160,18 +164,21 @@ def _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D:
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rd, mask=md, other=0.0).to(tl.float32)
-    return A, Dv, bias
+    return A * LOG2E, Dv, bias
 
 
 @triton.jit
-def _token_inputs(u0, su_l, dt0, sdt_l, B0, sB_l, t, bias, md, mn, SOFTPLUS: tl.constexpr):
-    """Token t's u and dt = softplus(delta + delta_bias), (BLOCK_D,), and B_t, (BLOCK_N,), in float32."""
-    u = tl.load(u0 + t * su_l, mask=md, other=0.0).to(tl.float32)
-    dt = tl.load(dt0 + t * sdt_l, mask=md, other=0.0).to(tl.float32) + bias
+def _dt(pre, SOFTPLUS: tl.constexpr):
+    """dt from pre = delta + delta_bias."""
     if SOFTPLUS:
-        dt = _softplus(dt)
-    Bt = tl.load(B0 + t * sB_l, mask=mn, other=0.0).to(tl.float32)
-    return u, dt, Bt
+        return _softplus(pre)
+    return pre
+
+
+@triton.jit
+def _next_token(s, seqlen, REVERSE: tl.constexpr):
+    """The token of step s + 1, or of step s at the last step: the inputs fetched ahead are always in range."""
+    return _token(tl.minimum(s + 1, seqlen - 1), seqlen, REVERSE)
 
 
 @triton.jit
@@ -192,8 +199,8 @@ def _scan_fwd_kernel(
     md, mn = rd < dim, rn < dstate
     mdn = md[:, None] & mn[None, :]
 
-    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
-                                       BLOCK_D)
+    A2, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
+                                        BLOCK_D)
 
     u0 = _at_token0(u_ptr, pid_b, su_b, rd, su_d)
     dt0 = _at_token0(delta_ptr, pid_b, sdt_b, rd, sdt_d)
@@ -204,22 +211,43 @@ def _scan_fwd_kernel(
     C0 = _at_token0(C_ptr, pid_b, sC_b, rn, sC_n)
     st = starts_ptr + pid_b * n_chunks * dim * dstate + rd[:, None] * dstate + rn[None, :]
 
+    # pointers move one step per step (DIR tokens); each step loads the next step's inputs before it computes its
+    # own, so the loads' latency hides behind the arithmetic (past the last step they are masked off)
+    DIR: tl.constexpr = -1 if REVERSE else 1
+    t = _token(0, seqlen, REVERSE)
+    pu, pdt, pz, padd, pout = u0 + t * su_l, dt0 + t * sdt_l, z0 + t * sz_l, add0 + t * sadd_l, out0 + t * so_l
+    pB, pC = B0 + t * sB_l, C0 + t * sC_l
+    u_n = tl.load(pu, mask=md, other=0.0)
+    pre_n = tl.load(pdt, mask=md, other=0.0)
+    B_n = tl.load(pB, mask=mn, other=0.0)
+    C_n = tl.load(pC, mask=mn, other=0.0)
+    z_n = tl.load(pz, mask=md & HAS_Z, other=0.0)
+    add_n = tl.load(padd, mask=md & HAS_ADD, other=0.0)
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for c in range(n_chunks):
         tl.store(st + c * dim * dstate, h, mask=mdn)   # the state this chunk starts from
         s0 = c * CHUNK
         for s in range(s0, tl.minimum(s0 + CHUNK, seqlen)):
-            t = _token(s, seqlen, REVERSE)
-            u, dt, Bt = _token_inputs(u0, su_l, dt0, sdt_l, B0, sB_l, t, bias, md, mn, SOFTPLUS)
-            Ct = tl.load(C0 + t * sC_l, mask=mn, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            u, pre, Bt, Ct, zt, at = (u_n.to(tl.float32), pre_n.to(tl.float32) + bias, B_n.to(tl.float32),
+                                      C_n.to(tl.float32), z_n.to(tl.float32), add_n.to(tl.float32))
+            more = s + 1 < seqlen
+            pu, pdt, pz, padd = pu + DIR * su_l, pdt + DIR * sdt_l, pz + DIR * sz_l, padd + DIR * sadd_l
+            pB, pC = pB + DIR * sB_l, pC + DIR * sC_l
+            u_n = tl.load(pu, mask=md & more, other=0.0)
+            pre_n = tl.load(pdt, mask=md & more, other=0.0)
+            B_n = tl.load(pB, mask=mn & more, other=0.0)
+            C_n = tl.load(pC, mask=mn & more, other=0.0)
+            z_n = tl.load(pz, mask=md & more & HAS_Z, other=0.0)
+            add_n = tl.load(padd, mask=md & more & HAS_ADD, other=0.0)
+            dt = _dt(pre, SOFTPLUS)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
             y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
             if HAS_Z:
-                zt = tl.load(z0 + t * sz_l, mask=md, other=0.0).to(tl.float32)
                 y = y * zt / (1.0 + tl.exp(-zt))
             if HAS_ADD:   # summed in float32: a bf16 output is rounded once, not twice
-                y += tl.load(add0 + t * sadd_l, mask=md, other=0.0).to(tl.float32)
-            tl.store(out0 + t * so_l, y.to(out_ptr.dtype.element_ty), mask=md)
+                y += at
+            tl.store(pout, y.to(out_ptr.dtype.element_ty), mask=md)
+            pout += DIR * so_l
 
 
 # Gradients. With pre_t = delta_t + delta_bias, dt_t = softplus(pre_t), the forward is
@@ -248,7 +276,7 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     gout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr,   # inputs
-    ws_ptr,                                                           # workspace: one chunk of states
+    ws_ptr, wsdt_ptr,                                                 # workspace: one chunk of states and dt
     gu_ptr, gdelta_ptr, gz_ptr,                                       # written once each
     gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr,                        # float32, zeroed, atomic adds
     dim, dstate, seqlen, n_chunks,
@@ -266,8 +294,8 @@ def _scan_bwd_kernel(
     md, mn = rd < dim, rn < dstate
     mdn = md[:, None] & mn[None, :]
 
-    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
-                                       BLOCK_D)
+    A2, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
+                                        BLOCK_D)
 
     g0 = _at_token0(gout_ptr, pid_b, sg_b, rd, sg_d)
     u0 = _at_token0(u_ptr, pid_b, su_b, rd, su_d)
@@ -281,9 +309,24 @@ def _scan_bwd_kernel(
     gB0 = _at_token0(gB_ptr, pid_b, sgB_b, rn, sgB_n)
     gC0 = _at_token0(gC_ptr, pid_b, sgC_b, rn, sgC_n)
     st = starts_ptr + pid_b * n_chunks * dim * dstate + rd[:, None] * dstate + rn[None, :]
-    # this program's private workspace, padded to whole tiles so that it needs no mask
-    ws = (ws_ptr + (pid_b * tl.num_programs(1) + pid_d) * (CHUNK * BLOCK_D * BLOCK_N)
-          + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + rn[None, :])
+    # this program's private workspace, padded to whole tiles so that it needs no mask: the chunk's states and
+    # its dt (the softplus is computed once, in the rerun)
+    prog = pid_b * tl.num_programs(1) + pid_d
+    ws = ws_ptr + prog * (CHUNK * BLOCK_D * BLOCK_N) + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + rn[None, :]
+    wsdt = wsdt_ptr + prog * (CHUNK * BLOCK_D) + tl.arange(0, BLOCK_D)
+
+    # pointers move one step per step (DIR tokens, backwards in the adjoint walk), and each step fetches the
+    # inputs of the step it hands over to before it computes its own (as in the forward)
+    DIR: tl.constexpr = -1 if REVERSE else 1
+    t = _token(seqlen - 1, seqlen, REVERSE)
+    pg, pu, pdt, pz, pB, pC = g0 + t * sg_l, u0 + t * su_l, dt0 + t * sdt_l, z0 + t * sz_l, B0 + t * sB_l, C0 + t * sC_l
+    pgu, pgdt, pgz, pgB, pgC = gu0 + t * sgu_l, gdt0 + t * sgdt_l, gz0 + t * sgz_l, gB0 + t * sgB_l, gC0 + t * sgC_l
+    g_n = tl.load(pg, mask=md, other=0.0)
+    u_n = tl.load(pu, mask=md, other=0.0)
+    pre_n = tl.load(pdt, mask=md, other=0.0)
+    B_n = tl.load(pB, mask=mn, other=0.0)
+    C_n = tl.load(pC, mask=mn, other=0.0)
+    z_n = tl.load(pz, mask=md & HAS_Z, other=0.0)
 
     g_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)   # exp(dt_{t+1} A) g_h_{t+1}
     gA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -293,54 +336,74 @@ def _scan_bwd_kernel(
         c = n_chunks - 1 - cc
         s0 = c * CHUNK
         s1 = tl.minimum(s0 + CHUNK, seqlen)
-        # 1. rerun the chunk from its saved start state, keeping its states in the workspace
+        # 1. rerun the chunk from its saved start state, keeping its states and dt in the workspace
         h = tl.load(st + c * dim * dstate, mask=mdn, other=0.0)
         tl.debug_barrier()   # every thread has read the previous chunk's workspace before it is overwritten
+        t = _token(s0, seqlen, REVERSE)
+        ru, rdt, rB = u0 + t * su_l, dt0 + t * sdt_l, B0 + t * sB_l
+        ru_n = tl.load(ru, mask=md, other=0.0)
+        rpre_n = tl.load(rdt, mask=md, other=0.0)
+        rB_n = tl.load(rB, mask=mn, other=0.0)
+        w, wdt = ws, wsdt
         for s in range(s0, s1):
-            t = _token(s, seqlen, REVERSE)
-            u, dt, Bt = _token_inputs(u0, su_l, dt0, sdt_l, B0, sB_l, t, bias, md, mn, SOFTPLUS)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            tl.store(ws + (s - s0) * (BLOCK_D * BLOCK_N), h)
+            u, pre, Bt = ru_n.to(tl.float32), rpre_n.to(tl.float32) + bias, rB_n.to(tl.float32)
+            more = s + 1 < s1
+            ru, rdt, rB = ru + DIR * su_l, rdt + DIR * sdt_l, rB + DIR * sB_l
+            ru_n = tl.load(ru, mask=md & more, other=0.0)
+            rpre_n = tl.load(rdt, mask=md & more, other=0.0)
+            rB_n = tl.load(rB, mask=mn & more, other=0.0)
+            dt = _dt(pre, SOFTPLUS)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+            tl.store(w, h)
+            tl.store(wdt, dt)
+            w, wdt = w + BLOCK_D * BLOCK_N, wdt + BLOCK_D
         tl.debug_barrier()   # the states are written before any thread reads them back
         # 2. walk the chunk's steps backwards: the adjoint recurrence and the local gradients (comment above)
         for i in range(s1 - s0):
             s = s1 - 1 - i
-            t = _token(s, seqlen, REVERSE)
-            h = tl.load(ws + (s - s0) * (BLOCK_D * BLOCK_N))                     # h_t
-            u = tl.load(u0 + t * su_l, mask=md, other=0.0).to(tl.float32)
-            pre = tl.load(dt0 + t * sdt_l, mask=md, other=0.0).to(tl.float32) + bias
-            dt = pre
-            if SOFTPLUS:
-                dt = _softplus(pre)
-            Bt = tl.load(B0 + t * sB_l, mask=mn, other=0.0).to(tl.float32)
-            Ct = tl.load(C0 + t * sC_l, mask=mn, other=0.0).to(tl.float32)
-            g_y = tl.load(g0 + t * sg_l, mask=md, other=0.0).to(tl.float32)
+            g_y, u, pre, Bt, Ct, zt = (g_n.to(tl.float32), u_n.to(tl.float32), pre_n.to(tl.float32) + bias,
+                                       B_n.to(tl.float32), C_n.to(tl.float32), z_n.to(tl.float32))
+            sig_pre = 1.0 / (1.0 + tl.exp(-pre))   # softplus' (computed one channel per thread, before the sums)
+            more = s > 0
+            pg, pu, pdt, pz, pB, pC = pg - DIR * sg_l, pu - DIR * su_l, pdt - DIR * sdt_l, pz - DIR * sz_l, \
+                pB - DIR * sB_l, pC - DIR * sC_l
+            g_n = tl.load(pg, mask=md & more, other=0.0)
+            u_n = tl.load(pu, mask=md & more, other=0.0)
+            pre_n = tl.load(pdt, mask=md & more, other=0.0)
+            B_n = tl.load(pB, mask=mn & more, other=0.0)
+            C_n = tl.load(pC, mask=mn & more, other=0.0)
+            z_n = tl.load(pz, mask=md & more & HAS_Z, other=0.0)
+            w, wdt = w - BLOCK_D * BLOCK_N, wdt - BLOCK_D
+            h = tl.load(w)                                                       # h_t
+            dt = tl.load(wdt)
             if HAS_Z:
-                zt = tl.load(z0 + t * sz_l, mask=md, other=0.0).to(tl.float32)
                 sig = 1.0 / (1.0 + tl.exp(-zt))
                 y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
                 g_z = g_y * y * sig * (1.0 + zt * (1.0 - sig))
-                tl.store(gz0 + t * sgz_l, g_z.to(gz_ptr.dtype.element_ty), mask=md)
+                tl.store(pgz, g_z.to(gz_ptr.dtype.element_ty), mask=md)
                 g_y = g_y * zt * sig
             gD_acc += g_y * u
             g_h = g_y[:, None] * Ct[None, :] + g_next
-            g_next = tl.exp(dt[:, None] * A) * g_h
+            g_next = tl.exp2(dt[:, None] * A2) * g_h
             dtu = dt * u
             g_dtA = g_h * (h - dtu[:, None] * Bt[None, :])
             gA_acc += g_dtA * dt[:, None]
             g_dtu = tl.sum(g_h * Bt[None, :], axis=1)
             g_u = g_dtu * dt + g_y * Dv
-            g_pre = tl.sum(g_dtA * A, axis=1) + g_dtu * u
+            g_pre = tl.sum(g_dtA * A2, axis=1) * LN2 + g_dtu * u
             if SOFTPLUS:
-                g_pre = g_pre / (1.0 + tl.exp(-pre))
+                g_pre = g_pre * sig_pre
             g_pre = tl.where(md, g_pre, 0.0)
             gbias_acc += g_pre
-            tl.store(gu0 + t * sgu_l, g_u.to(gu_ptr.dtype.element_ty), mask=md)
-            tl.store(gdt0 + t * sgdt_l, g_pre.to(gdelta_ptr.dtype.element_ty), mask=md)
+            tl.store(pgu, g_u.to(gu_ptr.dtype.element_ty), mask=md)
+            tl.store(pgdt, g_pre.to(gdelta_ptr.dtype.element_ty), mask=md)
             gB_t = tl.sum(g_h * dtu[:, None], axis=0)
             gC_t = tl.sum(h * g_y[:, None], axis=0)
-            tl.atomic_add(gB0 + t * sgB_l, gB_t, mask=mn, sem="relaxed")
-            tl.atomic_add(gC0 + t * sgC_l, gC_t, mask=mn, sem="relaxed")
+            tl.atomic_add(pgB, gB_t, mask=mn, sem="relaxed")
+            tl.atomic_add(pgC, gC_t, mask=mn, sem="relaxed")
+            pgu, pgdt, pgz, pgB, pgC = pgu - DIR * sgu_l, pgdt - DIR * sgdt_l, pgz - DIR * sgz_l, pgB - DIR * sgB_l, \
+                pgC - DIR * sgC_l
+    A = A2 * LN2
     if A_IS_LOG:   # dA / dA_log = -exp(A_log) = A
         gA_acc = gA_acc * A
     tl.atomic_add(gA_ptr + rd[:, None] * dstate + rn[None, :], gA_acc, mask=mdn, sem="relaxed")
@@ -413,7 +476,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
             d, n, l, starts.shape[1], *_strides(u, delta, z, add, out, B, C),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
             SOFTPLUS=delta_softplus, REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, BLOCK_D=block_d,
-            BLOCK_N=block_n, num_warps=NUM_WARPS)
+            BLOCK_N=block_n, num_warps=SCAN_NUM_WARPS)
     return _tm(out, token_major), starts
 
 
@@ -443,13 +506,14 @@ def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torc
         block_d, block_n = _blocks(d, n)
         grid = (b, triton.cdiv(d, block_d))
         ws = torch.empty(b * grid[1] * chunk * block_d * block_n, **f32)
+        ws_dt = torch.empty(b * grid[1] * chunk * block_d, **f32)
         _scan_bwd_kernel[grid](
-            g_out, u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias)), starts, ws,
+            g_out, u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias)), starts, ws, ws_dt,
             g_u, g_delta, g_z if z is not None else g_u, g_A, g_B, g_C, g_D, g_bias,
             d, n, l, starts.shape[1], *_strides(g_out, u, delta, z, g_u, g_delta, g_z, B, C, g_B, g_C),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
-            num_warps=NUM_WARPS)
+            num_warps=SCAN_NUM_WARPS)
     cast = lambda g, x: g.to(x.dtype) if x is not None else None
     return _bwd_result(token_major, u, g_u, g_delta, g_A.to(A.dtype), g_B.to(B.dtype), g_C.to(C.dtype),
                        cast(g_D, D), g_z, cast(g_bias, delta_bias))
