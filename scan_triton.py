@@ -89,6 +89,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CONV_BLOCK_L = 32   # tokens per program (fewer for short sequences)
 CONV_BLOCK_D = 64   # channels per program (fewer for narrow d): 128 bytes of a bf16 row, one cache line
+CONV_STREAM_BLOCK_C = 32   # channels per program of the streamed conv backward: one per thread of one warp
 NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # hidden's and normed's dtypes
 NORM_MAX_D = 1 << 16    # a whole row stays on chip as one BLOCK_D tile (Triton caps a tile at 2**20 items)
 
@@ -781,6 +782,114 @@ def _conv_bwd_kernel(
     tl.store(gx_ptr + offs, g_x.to(gx_ptr.dtype.element_ty), mask=(rt < seqlen)[:, None] & mc[None, :])
 
 
+# The backward for widths up to STREAM_MAX_W (DiS's d_conv is 4), streamed: a program owns one batch row and
+# BLOCK_C channels and walks the tokens once, keeping the last STREAM_MAX_W x rows, g_pre_f values and
+# g_pre_b values in registers, so every x and g_out row is loaded once and every g_pre computed once (the
+# tiled kernel above recomputes g_pre at W shifted tiles, each from W loads of x, and reduces g_weight across
+# threads on every tile; here g_weight and g_bias are per-channel sums in registers, added once at the end).
+# With taps written by distance, wf_j = weight_f[:, W_F-1-j] (the weight of x_{t-j} in pre_f_t) and
+# wb_j = weight_b[:, W_B-1-j] (of x_{t+j} in pre_b_t), 0 for j >= W, step i (i = 0 .. l+2) takes token i in:
+#   pre_f_i     = bias_f + sum_j wf_j x_{i-j}         g_pre_f_i = g_f_i silu'(pre_f_i)
+#   pre_b_{i-3} = bias_b + sum_j wb_j x_{i-3+j}       g_pre_b_{i-3} = g_b_{i-3} silu'(pre_b_{i-3})
+#   g_x_{i-3}   = sum_j wf_j g_pre_f_{i-3+j} + sum_j wb_j g_pre_b_{i-3-j}
+#   g_wf_j += g_pre_f_i x_{i-j},   g_wb_j += g_pre_b_{i-3} x_{i-3+j}
+# (x, g_out and g_pre are 0 outside [0, l); the windows start as 0.)
+STREAM_MAX_W = 4
+
+
+@triton.jit
+def _tap_by_distance(w_ptr, w_col, sw_k, mc, W: tl.constexpr, J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The weight of the input J tokens away, weight[:, W-1-J] (float32, (BLOCK_C,)); 0 for J >= W."""
+    if J < W:
+        return tl.load(w_ptr + w_col + (W - 1 - J) * sw_k, mask=mc, other=0.0).to(tl.float32)
+    return tl.zeros((BLOCK_C,), tl.float32)
+
+
+@triton.jit
+def _g_pre(g, pre, ACT: tl.constexpr):
+    """g_out silu'(pre) (g_out itself without the activation)."""
+    if ACT:
+        sig = 1.0 / (1.0 + tl.exp2(-pre * LOG2E))
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _add_tap_grads(gw_ptr, rc, mc, W: tl.constexpr, g0, g1, g2, g3):
+    """Adds the per-distance sums g_j to g_weight[:, W-1-j] of a contiguous (d, W) float32 buffer."""
+    tl.atomic_add(gw_ptr + rc * W + (W - 1), g0, mask=mc, sem="relaxed")
+    if W > 1:
+        tl.atomic_add(gw_ptr + rc * W + (W - 2), g1, mask=mc, sem="relaxed")
+    if W > 2:
+        tl.atomic_add(gw_ptr + rc * W + (W - 3), g2, mask=mc, sem="relaxed")
+    if W > 3:
+        tl.atomic_add(gw_ptr + rc * W + (W - 4), g3, mask=mc, sem="relaxed")
+
+
+@triton.jit
+def _conv_bwd_stream_kernel(
+    x_ptr, sx_b, sx_l, sx_d, seqlen, dim, gx_ptr,                                  # g_x: (b, l, d) contiguous
+    gf_ptr, sgf_b, sgf_l, sgf_d, wf_ptr, swf_d, swf_k, bf_ptr, sbf_d, gwf_ptr, gbf_ptr,   # causal direction
+    gb_ptr, sgb_b, sgb_l, sgb_d, wb_ptr, swb_d, swb_k, bb_ptr, sbb_d, gwb_ptr, gbb_ptr,   # reverse direction
+    CAUSAL: tl.constexpr, ANTI: tl.constexpr, W_F: tl.constexpr, W_B: tl.constexpr,
+    HAS_BF: tl.constexpr, HAS_BB: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    rc = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mc = rc < dim
+    wf0 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 0, BLOCK_C)
+    wf1 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 1, BLOCK_C)
+    wf2 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 2, BLOCK_C)
+    wf3 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 3, BLOCK_C)
+    wb0 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 0, BLOCK_C)
+    wb1 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 1, BLOCK_C)
+    wb2 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 2, BLOCK_C)
+    wb3 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 3, BLOCK_C)
+    bias_f = _conv_bias(bf_ptr, rc, sbf_d, mc, HAS_BF, BLOCK_C)
+    bias_b = _conv_bias(bb_ptr, rc, sbb_d, mc, HAS_BB, BLOCK_C)
+    px = x_ptr + pid_b * sx_b + rc * sx_d                        # token i
+    pgf = gf_ptr + pid_b * sgf_b + rc * sgf_d                    # token i
+    pgb = gb_ptr + pid_b * sgb_b + rc * sgb_d - 3 * sgb_l        # token i - 3
+    pgx = gx_ptr + pid_b * seqlen * dim + rc - 3 * dim           # token i - 3
+
+    zero = tl.zeros((BLOCK_C,), tl.float32)
+    x1, x2, x3 = zero, zero, zero            # x_{i-1}, x_{i-2}, x_{i-3}
+    gf1, gf2, gf3 = zero, zero, zero         # g_pre_f at i-1, i-2, i-3
+    gb1, gb2, gb3 = zero, zero, zero         # g_pre_b at i-4, i-5, i-6
+    gwf0, gwf1, gwf2, gwf3, gbias_f = zero, zero, zero, zero, zero
+    gwb0, gwb1, gwb2, gwb3, gbias_b = zero, zero, zero, zero, zero
+    for i in range(0, seqlen + 3):
+        x0 = tl.load(px, mask=mc & (i < seqlen), other=0.0).to(tl.float32)
+        g_x = zero
+        gpf = zero
+        gpb = zero
+        if CAUSAL:
+            pre_f = bias_f + wf0 * x0 + wf1 * x1 + wf2 * x2 + wf3 * x3
+            gpf = _g_pre(tl.load(pgf, mask=mc & (i < seqlen), other=0.0).to(tl.float32), pre_f, ACT)
+            g_x = wf0 * gf3 + wf1 * gf2 + wf2 * gf1 + wf3 * gpf
+            gwf0, gwf1, gwf2, gwf3 = gwf0 + gpf * x0, gwf1 + gpf * x1, gwf2 + gpf * x2, gwf3 + gpf * x3
+            gbias_f += gpf
+        if ANTI:
+            pre_b = bias_b + wb0 * x3 + wb1 * x2 + wb2 * x1 + wb3 * x0
+            gpb = _g_pre(tl.load(pgb, mask=mc & (i >= 3) & (i < seqlen + 3), other=0.0).to(tl.float32), pre_b, ACT)
+            g_x += wb0 * gpb + wb1 * gb1 + wb2 * gb2 + wb3 * gb3
+            gwb0, gwb1, gwb2, gwb3 = gwb0 + gpb * x3, gwb1 + gpb * x2, gwb2 + gpb * x1, gwb3 + gpb * x0
+            gbias_b += gpb
+        tl.store(pgx, g_x.to(gx_ptr.dtype.element_ty), mask=mc & (i >= 3))
+        x1, x2, x3 = x0, x1, x2
+        gf1, gf2, gf3 = gpf, gf1, gf2
+        gb1, gb2, gb3 = gpb, gb1, gb2
+        px, pgf, pgb, pgx = px + sx_l, pgf + sgf_l, pgb + sgb_l, pgx + dim
+    if CAUSAL:
+        _add_tap_grads(gwf_ptr, rc, mc, W_F, gwf0, gwf1, gwf2, gwf3)
+        if HAS_BF:
+            tl.atomic_add(gbf_ptr + rc, gbias_f, mask=mc, sem="relaxed")
+    if ANTI:
+        _add_tap_grads(gwb_ptr, rc, mc, W_B, gwb0, gwb1, gwb2, gwb3)
+        if HAS_BB:
+            tl.atomic_add(gbb_ptr + rc, gbias_b, mask=mc, sem="relaxed")
+
+
 #################################################################################
 #                       Conv launchers and custom ops                           #
 #################################################################################
@@ -830,7 +939,19 @@ def _conv_bwd_impl(g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, activati
     g_x = _new(x, x)
     g_wf, g_bf, g_wb, g_bb = (torch.zeros(t.shape, dtype=torch.float32, device=x.device) if t is not None
                               else None for t in (weight_f, bias_f, weight_b, bias_b))
-    if x.numel() > 0:
+    if x.numel() > 0 and max(_conv_width(weight_f), _conv_width(weight_b)) <= STREAM_MAX_W:
+        block_c = min(CONV_STREAM_BLOCK_C, triton.next_power_of_2(d))
+        _conv_bwd_stream_kernel[(b, triton.cdiv(d, block_c))](
+            x, *x.stride(), l, d, g_x,
+            *_conv_arg(g_u_f, 3, x), *_conv_arg(weight_f, 2, x), *_conv_arg(bias_f, 1, x),
+            *_conv_arg(g_wf, 0, x), *_conv_arg(g_bf, 0, x),
+            *_conv_arg(g_u_b, 3, x), *_conv_arg(weight_b, 2, x), *_conv_arg(bias_b, 1, x),
+            *_conv_arg(g_wb, 0, x), *_conv_arg(g_bb, 0, x),
+            CAUSAL=g_u_f is not None, ANTI=g_u_b is not None,
+            W_F=_conv_width(weight_f), W_B=_conv_width(weight_b),
+            HAS_BF=bias_f is not None, HAS_BB=bias_b is not None, ACT=activation,
+            BLOCK_C=block_c, num_warps=max(1, block_c // 32))
+    elif x.numel() > 0:
         grid, block_l, block_c = _conv_grid(b, l, d, backward=True)
         _conv_bwd_kernel[grid](
             x, *x.stride(), l, d, g_x,
