@@ -80,7 +80,8 @@ import triton.language as tl
 __all__ = ["selective_scan_triton", "selective_scan_triton_tm", "causal_conv1d_triton", "causal_conv1d_bidir_triton",
            "add_rms_norm_triton", "bimamba_inner_fn", "triton_scan_usable", "INTERPRETED", "CHUNK", "BLOCK_D"]
 
-CHUNK = 32      # steps per chunk: one saved state each, and the backward workspace holds one chunk
+CHUNK = 256     # steps per chunk: one saved state each (the backward reruns a chunk to recover its states)
+SUB_CHUNK = 32  # steps per piece of a chunk that the backward reruns again, keeping its states: the workspace
 BLOCK_D = 32    # channels per program; a (BLOCK_D, n) float32 state tile stays in registers
 SCAN_NUM_WARPS = 1
 NUM_WARPS = 4
@@ -277,7 +278,7 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     gout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr,   # inputs
-    ws_ptr, wsdt_ptr,                                                 # workspace: one chunk of states and dt
+    ws_ptr, ws0_ptr, wsdt_ptr,                      # workspace: a piece's states, the pieces' starts, a chunk's dt
     gu_ptr, gdelta_ptr, gz_ptr,                                       # written once each
     gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr,                        # float32, zeroed, atomic adds
     dim, dstate, seqlen, n_chunks,
@@ -285,7 +286,7 @@ def _scan_bwd_kernel(
     sgu_b, sgu_l, sgu_d, sgdt_b, sgdt_l, sgdt_d, sgz_b, sgz_l, sgz_d,
     sB_b, sB_l, sB_n, sC_b, sC_l, sC_n, sgB_b, sgB_l, sgB_n, sgC_b, sgC_l, sgC_n,  # (batch, token, state)
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, A_IS_LOG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    REVERSE: tl.constexpr, A_IS_LOG: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -313,7 +314,9 @@ def _scan_bwd_kernel(
     # this program's private workspace, padded to whole tiles so that it needs no mask: the chunk's states and
     # its dt (the softplus is computed once, in the rerun)
     prog = pid_b * tl.num_programs(1) + pid_d
-    ws = ws_ptr + prog * (CHUNK * BLOCK_D * BLOCK_N) + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + rn[None, :]
+    tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + rn[None, :]
+    ws = ws_ptr + prog * (SUB * BLOCK_D * BLOCK_N) + tile
+    ws0 = ws0_ptr + prog * (tl.cdiv(CHUNK, SUB) * BLOCK_D * BLOCK_N) + tile
     wsdt = wsdt_ptr + prog * (CHUNK * BLOCK_D) + tl.arange(0, BLOCK_D)
 
     # pointers move one step per step (DIR tokens, backwards in the adjoint walk), and each step fetches the
@@ -337,7 +340,9 @@ def _scan_bwd_kernel(
         c = n_chunks - 1 - cc
         s0 = c * CHUNK
         s1 = tl.minimum(s0 + CHUNK, seqlen)
-        # 1. rerun the chunk from its saved start state, keeping its states and dt in the workspace
+        n_sub = tl.cdiv(s1 - s0, SUB)
+        # 0. rerun the chunk from its saved start state: keep the state each piece of SUB steps starts from,
+        #    and each step's dt (the softplus is computed once per step)
         h = tl.load(st + c * dim * dstate, mask=mdn, other=0.0)
         tl.debug_barrier()   # every thread has read the previous chunk's workspace before it is overwritten
         t = _token(s0, seqlen, REVERSE)
@@ -345,65 +350,88 @@ def _scan_bwd_kernel(
         ru_n = tl.load(ru, mask=md, other=0.0)
         rpre_n = tl.load(rdt, mask=md, other=0.0)
         rB_n = tl.load(rB, mask=mn, other=0.0)
-        w, wdt = ws, wsdt
-        for s in range(s0, s1):
-            u, pre, Bt = ru_n.to(tl.float32), rpre_n.to(tl.float32) + bias, rB_n.to(tl.float32)
-            more = s + 1 < s1
-            ru, rdt, rB = ru + DIR * su_l, rdt + DIR * sdt_l, rB + DIR * sB_l
-            ru_n = tl.load(ru, mask=md & more, other=0.0)
-            rpre_n = tl.load(rdt, mask=md & more, other=0.0)
-            rB_n = tl.load(rB, mask=mn & more, other=0.0)
-            dt = _dt(pre, SOFTPLUS)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-            tl.store(w, h)
-            tl.store(wdt, dt)
-            w, wdt = w + BLOCK_D * BLOCK_N, wdt + BLOCK_D
-        tl.debug_barrier()   # the states are written before any thread reads them back
-        # 2. walk the chunk's steps backwards: the adjoint recurrence and the local gradients (comment above)
-        for i in range(s1 - s0):
-            s = s1 - 1 - i
-            g_y, u, pre, Bt, Ct, zt = (g_n.to(tl.float32), u_n.to(tl.float32), pre_n.to(tl.float32) + bias,
-                                       B_n.to(tl.float32), C_n.to(tl.float32), z_n.to(tl.float32))
-            sig_pre = 1.0 / (1.0 + tl.exp(-pre))   # softplus' (computed one channel per thread, before the sums)
-            more = s > 0
-            pg, pu, pdt, pz, pB, pC = pg - DIR * sg_l, pu - DIR * su_l, pdt - DIR * sdt_l, pz - DIR * sz_l, \
-                pB - DIR * sB_l, pC - DIR * sC_l
-            g_n = tl.load(pg, mask=md & more, other=0.0)
-            u_n = tl.load(pu, mask=md & more, other=0.0)
-            pre_n = tl.load(pdt, mask=md & more, other=0.0)
-            B_n = tl.load(pB, mask=mn & more, other=0.0)
-            C_n = tl.load(pC, mask=mn & more, other=0.0)
-            z_n = tl.load(pz, mask=md & more & HAS_Z, other=0.0)
-            w, wdt = w - BLOCK_D * BLOCK_N, wdt - BLOCK_D
-            h = tl.load(w)                                                       # h_t
-            dt = tl.load(wdt)
-            if HAS_Z:
-                sig = 1.0 / (1.0 + tl.exp(-zt))
-                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
-                g_z = g_y * y * sig * (1.0 + zt * (1.0 - sig))
-                tl.store(pgz, g_z.to(gz_ptr.dtype.element_ty), mask=md)
-                g_y = g_y * zt * sig
-            gD_acc += g_y * u
-            g_h = g_y[:, None] * Ct[None, :] + g_next
-            g_next = tl.exp2(dt[:, None] * A2) * g_h
-            dtu = dt * u
-            g_dtA = g_h * (h - dtu[:, None] * Bt[None, :])
-            gA_acc += g_dtA * dt[:, None]
-            g_dtu = tl.sum(g_h * Bt[None, :], axis=1)
-            g_u = g_dtu * dt + g_y * Dv
-            g_pre = tl.sum(g_dtA * A2, axis=1) * LN2 + g_dtu * u
-            if SOFTPLUS:
-                g_pre = g_pre * sig_pre
-            g_pre = tl.where(md, g_pre, 0.0)
-            gbias_acc += g_pre
-            tl.store(pgu, g_u.to(gu_ptr.dtype.element_ty), mask=md)
-            tl.store(pgdt, g_pre.to(gdelta_ptr.dtype.element_ty), mask=md)
-            gB_t = tl.sum(g_h * dtu[:, None], axis=0)
-            gC_t = tl.sum(h * g_y[:, None], axis=0)
-            tl.atomic_add(pgB, gB_t, mask=mn, sem="relaxed")
-            tl.atomic_add(pgC, gC_t, mask=mn, sem="relaxed")
-            pgu, pgdt, pgz, pgB, pgC = pgu - DIR * sgu_l, pgdt - DIR * sgdt_l, pgz - DIR * sgz_l, pgB - DIR * sgB_l, \
-                pgC - DIR * sgC_l
+        wdt = wsdt
+        for j in range(n_sub):
+            tl.store(ws0 + j * (BLOCK_D * BLOCK_N), h)
+            for s in range(s0 + j * SUB, tl.minimum(s0 + (j + 1) * SUB, s1)):
+                u, pre, Bt = ru_n.to(tl.float32), rpre_n.to(tl.float32) + bias, rB_n.to(tl.float32)
+                more = s + 1 < s1
+                ru, rdt, rB = ru + DIR * su_l, rdt + DIR * sdt_l, rB + DIR * sB_l
+                ru_n = tl.load(ru, mask=md & more, other=0.0)
+                rpre_n = tl.load(rdt, mask=md & more, other=0.0)
+                rB_n = tl.load(rB, mask=mn & more, other=0.0)
+                dt = _dt(pre, SOFTPLUS)
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                tl.store(wdt, dt)
+                wdt += BLOCK_D
+        for jj in range(n_sub):   # the pieces, last first
+            j = n_sub - 1 - jj
+            ss0 = s0 + j * SUB
+            ss1 = tl.minimum(ss0 + SUB, s1)
+            # 1. rerun the piece from its start state, keeping its states in the workspace
+            tl.debug_barrier()   # the previous piece's states are read before they are overwritten
+            h = tl.load(ws0 + j * (BLOCK_D * BLOCK_N))
+            t = _token(ss0, seqlen, REVERSE)
+            ru, rB = u0 + t * su_l, B0 + t * sB_l
+            ru_n = tl.load(ru, mask=md, other=0.0)
+            rB_n = tl.load(rB, mask=mn, other=0.0)
+            w, wdt = ws, wsdt + (ss0 - s0) * BLOCK_D
+            for s in range(ss0, ss1):
+                u, Bt = ru_n.to(tl.float32), rB_n.to(tl.float32)
+                more = s + 1 < ss1
+                ru, rB = ru + DIR * su_l, rB + DIR * sB_l
+                ru_n = tl.load(ru, mask=md & more, other=0.0)
+                rB_n = tl.load(rB, mask=mn & more, other=0.0)
+                dt = tl.load(wdt)
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                tl.store(w, h)
+                w, wdt = w + BLOCK_D * BLOCK_N, wdt + BLOCK_D
+            tl.debug_barrier()   # the states are written before any thread reads them back
+            # 2. walk the piece's steps backwards: the adjoint recurrence and the local gradients (comment above)
+            for i in range(ss1 - ss0):
+                s = ss1 - 1 - i
+                g_y, u, pre, Bt, Ct, zt = (g_n.to(tl.float32), u_n.to(tl.float32), pre_n.to(tl.float32) + bias,
+                                           B_n.to(tl.float32), C_n.to(tl.float32), z_n.to(tl.float32))
+                sig_pre = 1.0 / (1.0 + tl.exp(-pre))   # softplus' (computed one channel per thread, before the sums)
+                more = s > 0
+                pg, pu, pdt, pz, pB, pC = pg - DIR * sg_l, pu - DIR * su_l, pdt - DIR * sdt_l, pz - DIR * sz_l, \
+                    pB - DIR * sB_l, pC - DIR * sC_l
+                g_n = tl.load(pg, mask=md & more, other=0.0)
+                u_n = tl.load(pu, mask=md & more, other=0.0)
+                pre_n = tl.load(pdt, mask=md & more, other=0.0)
+                B_n = tl.load(pB, mask=mn & more, other=0.0)
+                C_n = tl.load(pC, mask=mn & more, other=0.0)
+                z_n = tl.load(pz, mask=md & more & HAS_Z, other=0.0)
+                w, wdt = w - BLOCK_D * BLOCK_N, wdt - BLOCK_D
+                h = tl.load(w)                                                       # h_t
+                dt = tl.load(wdt)
+                if HAS_Z:
+                    sig = 1.0 / (1.0 + tl.exp(-zt))
+                    y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                    g_z = g_y * y * sig * (1.0 + zt * (1.0 - sig))
+                    tl.store(pgz, g_z.to(gz_ptr.dtype.element_ty), mask=md)
+                    g_y = g_y * zt * sig
+                gD_acc += g_y * u
+                g_h = g_y[:, None] * Ct[None, :] + g_next
+                g_next = tl.exp2(dt[:, None] * A2) * g_h
+                dtu = dt * u
+                g_dtA = g_h * (h - dtu[:, None] * Bt[None, :])
+                gA_acc += g_dtA * dt[:, None]
+                g_dtu = tl.sum(g_h * Bt[None, :], axis=1)
+                g_u = g_dtu * dt + g_y * Dv
+                g_pre = tl.sum(g_dtA * A2, axis=1) * LN2 + g_dtu * u
+                if SOFTPLUS:
+                    g_pre = g_pre * sig_pre
+                g_pre = tl.where(md, g_pre, 0.0)
+                gbias_acc += g_pre
+                tl.store(pgu, g_u.to(gu_ptr.dtype.element_ty), mask=md)
+                tl.store(pgdt, g_pre.to(gdelta_ptr.dtype.element_ty), mask=md)
+                gB_t = tl.sum(g_h * dtu[:, None], axis=0)
+                gC_t = tl.sum(h * g_y[:, None], axis=0)
+                tl.atomic_add(pgB, gB_t, mask=mn, sem="relaxed")
+                tl.atomic_add(pgC, gC_t, mask=mn, sem="relaxed")
+                pgu, pgdt, pgz, pgB, pgC = pgu - DIR * sgu_l, pgdt - DIR * sgdt_l, pgz - DIR * sgz_l, pgB - DIR * sgB_l, \
+                    pgC - DIR * sgC_l
     A = A2 * LN2
     if A_IS_LOG:   # dA / dA_log = -exp(A_log) = A
         gA_acc = gA_acc * A
@@ -453,19 +481,27 @@ def _fwd_outputs(u, A, chunk):
     return _new(u, u), u.new_empty(b, n_chunks, d, A.shape[1], dtype=torch.float32)
 
 
-def _bwd_result(token_major, u, g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias):
+def _bwd_result(token_major, u, g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias, g_delta_proj):
     """The bwd op's outputs: activation gradients back in the caller's layout, absent ones as shape (0,)."""
     grads = (_tm(g_u, token_major), _tm(g_delta, token_major), g_A, _tm(g_B, token_major),
-             _tm(g_C, token_major), g_D, _tm(g_z, token_major), g_bias)
+             _tm(g_C, token_major), g_D, _tm(g_z, token_major), g_bias, g_delta_proj)
     return tuple(g if g is not None else u.new_empty(0) for g in grads)
+
+
+def _project(delta, delta_proj):
+    """delta itself, or with delta_proj the full-rank delta = delta @ delta_proj^T in delta's dtype (the
+    rounding of dt_proj under autocast, which casts both to the autocast dtype)."""
+    return delta if delta_proj is None else F.linear(delta, delta_proj.to(delta.dtype))
 
 
 @torch.library.custom_op("dis_scan::selective_scan_fwd", mutates_args=())
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
               delta_softplus: bool, chunk: int, reverse: bool = False, add: Optional[torch.Tensor] = None,
-              token_major: bool = False, A_is_log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              token_major: bool = False, A_is_log: bool = False, delta_proj: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     u, delta, B, C, z, add = (_tm(x, token_major) for x in (u, delta, B, C, z, add))
+    delta = _project(delta, delta_proj)
     A, D, delta_bias = (x.contiguous() if x is not None else None for x in (A, D, delta_bias))
     b, l, d = u.shape
     n = A.shape[1]
@@ -483,7 +519,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 @_scan_fwd.register_fake
 def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reverse=False, add=None,
-                   token_major=False, A_is_log=False):
+                   token_major=False, A_is_log=False, delta_proj=None):
     out, starts = _fwd_outputs(_tm(u, token_major), A, chunk)
     return _tm(out, token_major), starts
 
@@ -492,10 +528,12 @@ def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, r
 def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
               C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
               delta_bias: Optional[torch.Tensor], starts: torch.Tensor, delta_softplus: bool, chunk: int,
-              reverse: bool = False, token_major: bool = False, A_is_log: bool = False
+              reverse: bool = False, token_major: bool = False, A_is_log: bool = False,
+              delta_proj: Optional[torch.Tensor] = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                         torch.Tensor, torch.Tensor]:
+                         torch.Tensor, torch.Tensor, torch.Tensor]:
     g_out, u, delta, B, C, z = (_tm(x, token_major) for x in (g_out, u, delta, B, C, z))
+    delta_low, delta = delta, _project(delta, delta_proj)    # recomputed: the forward keeps the low-rank part
     A, D, delta_bias, starts = (x.contiguous() if x is not None else None for x in (A, D, delta_bias, starts))
     b, l, d = u.shape
     n = A.shape[1]
@@ -506,31 +544,38 @@ def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torc
     if u.numel() > 0:
         block_d, block_n = _blocks(d, n)
         grid = (b, triton.cdiv(d, block_d))
-        ws = torch.empty(b * grid[1] * chunk * block_d * block_n, **f32)
+        sub = min(SUB_CHUNK, chunk)
+        tile = block_d * block_n
+        ws, ws0 = torch.empty(b * grid[1] * sub * tile, **f32), torch.empty(b * grid[1] * triton.cdiv(chunk, sub) * tile, **f32)
         ws_dt = torch.empty(b * grid[1] * chunk * block_d, **f32)
         _scan_bwd_kernel[grid](
-            g_out, u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias)), starts, ws, ws_dt,
+            g_out, u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias)), starts, ws, ws0, ws_dt,
             g_u, g_delta, g_z if z is not None else g_u, g_A, g_B, g_C, g_D, g_bias,
             d, n, l, starts.shape[1], *_strides(g_out, u, delta, z, g_u, g_delta, g_z, B, C, g_B, g_C),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
+            REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, SUB=sub, BLOCK_D=block_d, BLOCK_N=block_n,
             num_warps=SCAN_NUM_WARPS)
     cast = lambda g, x: g.to(x.dtype) if x is not None else None
+    g_proj = None
+    if delta_proj is not None:   # through delta = delta_low @ delta_proj^T, in delta's dtype as in the forward
+        g_proj = (g_delta.reshape(-1, d).t() @ delta_low.reshape(-1, delta_low.shape[-1])).to(delta_proj.dtype)
+        g_delta = g_delta @ delta_proj.to(g_delta.dtype)
     return _bwd_result(token_major, u, g_u, g_delta, g_A.to(A.dtype), g_B.to(B.dtype), g_C.to(C.dtype),
-                       cast(g_D, D), g_z, cast(g_bias, delta_bias))
+                       cast(g_D, D), g_z, cast(g_bias, delta_bias), g_proj)
 
 
 @_scan_bwd.register_fake
 def _scan_bwd_fake(g_out, u, delta, A, B, C, D, z, delta_bias, starts, delta_softplus, chunk, reverse=False,
-                   token_major=False, A_is_log=False):
-    u, B = _tm(u, token_major), _tm(B, token_major)
-    return _bwd_result(token_major, u, _new(u, u), _new(delta, u), _new(A, A), _new(B, B), _new(C, B),
-                       _new(D, D), _new(z, u), _new(delta_bias, delta_bias))
+                   token_major=False, A_is_log=False, delta_proj=None):
+    u, B, delta = _tm(u, token_major), _tm(B, token_major), _tm(delta, token_major)
+    return _bwd_result(token_major, u, _new(u, u), _new(delta, delta if delta_proj is not None else u),
+                       _new(A, A), _new(B, B), _new(C, B), _new(D, D), _new(z, u), _new(delta_bias, delta_bias),
+                       _new(delta_proj, delta_proj))
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reverse, add, token_major, A_is_log = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])   # add is not needed
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reverse, add, token_major, A_is_log, proj = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], proj)   # add is not needed
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)   # no zero gradient of starts' size; g_out is None when out is unused
     ctx.flags = (delta_softplus, chunk, reverse, token_major, A_is_log)
@@ -538,13 +583,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_out, _g_starts):
-    grads = [None] * 14
+    grads = [None] * 15
     if g_out is None:
         return tuple(grads)
-    if any(ctx.needs_input_grad[:8]):
+    needs = tuple(ctx.needs_input_grad) + (False,) * 15   # (shorter when delta_proj was not passed)
+    if any(needs[:8]) or needs[14]:
         saved = ctx.saved_tensors
-        g = torch.ops.dis_scan.selective_scan_bwd(g_out, *saved, *ctx.flags)
+        g = torch.ops.dis_scan.selective_scan_bwd(g_out, *saved[:9], *ctx.flags, saved[9])
         grads[:8] = [gi if x is not None else None for gi, x in zip(g, saved[:8])]
+        grads[14] = g[8] if saved[9] is not None else None
     if ctx.add_dtype is not None:
         grads[11] = g_out.to(ctx.add_dtype)   # out = add + ...: g_out itself when the dtypes agree
     return tuple(grads)
@@ -553,15 +600,19 @@ def _backward(ctx, g_out, _g_starts):
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(name, u, delta, A, B, C, D, z, delta_bias, add, chunk, token_major):
+def _check(name, u, delta, A, B, C, D, z, delta_bias, add, chunk, token_major, delta_proj=None):
     layout = "(b, l, d)" if token_major else "(b, d, l)"
     if u.ndim != 3 or A.ndim != 2:
         raise ValueError(f"{name}: u must be {layout} and A (d, n), got {tuple(u.shape)} and {tuple(A.shape)}")
+    if delta_proj is not None and (not isinstance(delta_proj, torch.Tensor) or delta_proj.ndim != 2):
+        raise ValueError(f"{name}: delta_proj must be a (d, dt_rank) tensor")
     b, l, d = _tm(u, token_major).shape
     n = A.shape[1]
     act, bc = ((b, l, d), (b, l, n)) if token_major else ((b, d, l), (b, n, l))
-    expected = {"u": (u, act), "delta": (delta, act), "A": (A, (d, n)), "B": (B, bc), "C": (C, bc),
-                "D": (D, (d,)), "z": (z, act), "delta_bias": (delta_bias, (d,)), "add": (add, act)}
+    low = (b, l, delta_proj.shape[1]) if delta_proj is not None else act
+    expected = {"u": (u, act), "delta": (delta, low), "A": (A, (d, n)), "B": (B, bc), "C": (C, bc),
+                "D": (D, (d,)), "z": (z, act), "delta_bias": (delta_bias, (d,)), "add": (add, act),
+                "delta_proj": (delta_proj, (d, low[-1]))}
     for what, (t, shape) in expected.items():
         if t is None:
             continue
@@ -591,15 +642,18 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
 
 def selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             reverse=False, add=None, A_is_log=False, chunk=CHUNK):
+                             reverse=False, add=None, A_is_log=False, chunk=CHUNK, delta_proj=None):
     """The selective scan on token-major tensors, any strides: u, delta, z, add: (b, l, d), B, C: (b, l, n),
     A: (d, n), D, delta_bias: (d,). reverse scans from the last token to the first (flip, scan, flip back);
     add, if given, is added to the result inside the kernel; A_is_log: A holds Mamba's A_log, and the kernels
-    use A = -exp(A_log) (its gradient is A_log's). Returns a new contiguous (b, l, d) tensor in u's dtype;
-    differentiable in every tensor argument."""
-    _check("selective_scan_triton_tm", u, delta, A, B, C, D, z, delta_bias, add, chunk, token_major=True)
+    use A = -exp(A_log) (its gradient is A_log's). delta_proj (d, dt_rank), if given: delta is the low-rank
+    (b, l, dt_rank) input of dt_proj, and the op computes delta @ delta_proj^T itself, in delta's dtype, and
+    again in the backward, so that autograd keeps the low-rank part instead of a (b, l, d) tensor.
+    Returns a new contiguous (b, l, d) tensor in u's dtype; differentiable in every tensor argument."""
+    _check("selective_scan_triton_tm", u, delta, A, B, C, D, z, delta_bias, add, chunk, True, delta_proj)
     out, _ = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                                   int(chunk), bool(reverse), add, True, bool(A_is_log))
+                                                   int(chunk), bool(reverse), add, True, bool(A_is_log),
+                                                   delta_proj)
     return out
 
 
@@ -1375,7 +1429,8 @@ def bimamba_inner_fn(hidden, in_proj_weight, out_proj_weight, forward_params, ba
         dt_rank, n = dt_proj_weight.shape[1], A_log.shape[1]
         x_dbl = F.linear(u, x_proj_weight)                                            # (b, l, dt_rank + 2n)
         delta_low, B, C = x_dbl.split([dt_rank, n, n], dim=-1)   # views; one cat joins their gradients
-        delta = F.linear(delta_low, dt_proj_weight)                                   # (b, l, d_inner)
-        y = selective_scan_triton_tm(u, delta, A_log, B, C, D, z, dt_proj_bias, delta_softplus=True,
-                                     reverse=reverse, add=y, A_is_log=True)                # (b, l, d_inner)
+        # dt_proj runs inside the scan op, which recomputes the (b, l, d_inner) delta in its backward
+        y = selective_scan_triton_tm(u, delta_low, A_log, B, C, D, z, dt_proj_bias, delta_softplus=True,
+                                     reverse=reverse, add=y, A_is_log=True,
+                                     delta_proj=dt_proj_weight)                            # (b, l, d_inner)
     return F.linear(y, out_proj_weight)                                               # (b, l, d)
