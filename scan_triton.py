@@ -13,11 +13,12 @@ Each kernel is a torch.library custom op with a fake implementation and its auto
 torch.compile(fullgraph=True) traces a whole training step without a graph break.
 
 Public API:
-    selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=32)
+    selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=256)
         (b, d, l) layout, DiS.selective_scan's signature
     selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             reverse=False, add=None, A_is_log=False, chunk=32)
-        (b, l, d) layout; returns a new contiguous (b, l, d) tensor
+                             reverse=False, add=None, A_is_log=False, chunk=256, delta_proj=None)
+        (b, l, d) layout; returns a new contiguous (b, l, d) tensor; with delta_proj (d, dt_rank), delta is
+        dt_proj's low-rank input and the op projects it (in the forward and again in the backward)
     causal_conv1d_triton(x, weight, bias=None, reverse=False, activation=True)            x: (b, l, d)
     causal_conv1d_bidir_triton(x, weight_f, bias_f, weight_b, bias_b, activation=True) -> (u_f, u_b)
     add_rms_norm_triton(hidden, residual, weight, eps, scale=None, out_dtype=None) -> (normed, residual_out)
@@ -50,17 +51,22 @@ a (b, d, l) view of a contiguous (b, l, d) result (not contiguous itself; its tr
 Inputs may be float32, bfloat16 or float16, mixed; everything is computed in float32, the output has u's
 dtype and each gradient its input's dtype.
 
-Algorithm, per program = (one batch row b, a block of BLOCK_D channels), state h: (BLOCK_D, n) in registers.
-Step s = 0 .. l-1 handles token t = s, or t = l-1-s when reverse (the scan of the flipped sequence, written
-at the original positions: flip(scan(flip(inputs))) along l); chunks are chunks of CHUNK steps.
+Algorithm, per program = (one batch row b, a block of BLOCK_D channels), state h: (BLOCK_D, n) in registers,
+one warp (SCAN_NUM_WARPS): the (BLOCK_D, n) tile spread over more warps costs a cross-warp exchange for every
+sum over states or channels, on every step. Step s = 0 .. l-1 handles token t = s, or t = l-1-s when reverse
+(the scan of the flipped sequence, written at the original positions: flip(scan(flip(inputs))) along l);
+chunks are chunks of CHUNK steps, pieces are pieces of SUB_CHUNK steps of a chunk. Every step loads the next
+step's inputs before it computes its own, and exp(dt A) is one exp2 of dt (A log2(e)).
     forward   for each chunk: save h (the state the chunk starts from), then for each step's token t
                   dt = softplus(delta + delta_bias),  h = exp(dt A) h + dt u B,  y = <h, C> + D u,
                   out = add + y silu(z)            (add, z, D, delta_bias optional; softplus if asked)
               so the only saved tensor besides the inputs is starts: (b, l / CHUNK, d, n), float32.
-    backward  for each chunk, last first: rerun the chunk from its saved start state, writing its CHUNK
-              states to a small per-program workspace (b, d / BLOCK_D, CHUNK, BLOCK_D, n), then walk the
-              chunk's steps backwards with the adjoint recurrence (below). add's gradient is g_out itself
-              and needs no kernel.
+    backward  for each chunk, last first: rerun the chunk from its saved start state, keeping each step's dt
+              and the state each piece starts from; then for each piece, last first, rerun the piece from its
+              start, writing its states and exp(dt A) to a small per-program workspace
+              (b, d / BLOCK_D, 2 SUB_CHUNK, BLOCK_D, n), and walk the piece's steps backwards with the
+              adjoint recurrence (below). Sparse saved states cost one more rerun of each chunk (the first),
+              and the workspace stays a piece. add's gradient is g_out itself and needs no kernel.
 The scan's ops take token_major (False: mamba-ssm's (b, d, l) layout, whose outputs and gradients are
 transposed views of new (b, l, d) / (b, l, n) tensors) and A_is_log (A holds Mamba's A_log; the kernels use
 A = -exp(A_log), so the mixer needs no kernels of its own for it).
@@ -170,6 +176,11 @@ def _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D:
 
 
 @triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
+
+
+@triton.jit
 def _dt(pre, SOFTPLUS: tl.constexpr):
     """dt from pre = delta + delta_bias."""
     if SOFTPLUS:
@@ -245,7 +256,7 @@ def _scan_fwd_kernel(
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
             y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
             if HAS_Z:
-                y = y * zt / (1.0 + tl.exp(-zt))
+                y = y * zt * _sigmoid(zt)
             if HAS_ADD:   # summed in float32: a bf16 output is rounded once, not twice
                 y += at
             tl.store(pout, y.to(out_ptr.dtype.element_ty), mask=md)
@@ -315,7 +326,7 @@ def _scan_bwd_kernel(
     # its dt (the softplus is computed once, in the rerun)
     prog = pid_b * tl.num_programs(1) + pid_d
     tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + rn[None, :]
-    ws = ws_ptr + prog * (SUB * BLOCK_D * BLOCK_N) + tile
+    ws = ws_ptr + prog * (2 * SUB * BLOCK_D * BLOCK_N) + tile   # the piece's states, then their exp(dt A)
     ws0 = ws0_ptr + prog * (tl.cdiv(CHUNK, SUB) * BLOCK_D * BLOCK_N) + tile
     wsdt = wsdt_ptr + prog * (CHUNK * BLOCK_D) + tl.arange(0, BLOCK_D)
 
@@ -383,8 +394,10 @@ def _scan_bwd_kernel(
                 ru_n = tl.load(ru, mask=md & more, other=0.0)
                 rB_n = tl.load(rB, mask=mn & more, other=0.0)
                 dt = tl.load(wdt)
-                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                dA = tl.exp2(dt[:, None] * A2)
+                h = dA * h + (dt * u)[:, None] * Bt[None, :]
                 tl.store(w, h)
+                tl.store(w + SUB * BLOCK_D * BLOCK_N, dA)
                 w, wdt = w + BLOCK_D * BLOCK_N, wdt + BLOCK_D
             tl.debug_barrier()   # the states are written before any thread reads them back
             # 2. walk the piece's steps backwards: the adjoint recurrence and the local gradients (comment above)
@@ -392,7 +405,7 @@ def _scan_bwd_kernel(
                 s = ss1 - 1 - i
                 g_y, u, pre, Bt, Ct, zt = (g_n.to(tl.float32), u_n.to(tl.float32), pre_n.to(tl.float32) + bias,
                                            B_n.to(tl.float32), C_n.to(tl.float32), z_n.to(tl.float32))
-                sig_pre = 1.0 / (1.0 + tl.exp(-pre))   # softplus' (computed one channel per thread, before the sums)
+                sig_pre = _sigmoid(pre)   # softplus' (computed one channel per thread, before the sums)
                 more = s > 0
                 pg, pu, pdt, pz, pB, pC = pg - DIR * sg_l, pu - DIR * su_l, pdt - DIR * sdt_l, pz - DIR * sz_l, \
                     pB - DIR * sB_l, pC - DIR * sC_l
@@ -404,16 +417,17 @@ def _scan_bwd_kernel(
                 z_n = tl.load(pz, mask=md & more & HAS_Z, other=0.0)
                 w, wdt = w - BLOCK_D * BLOCK_N, wdt - BLOCK_D
                 h = tl.load(w)                                                       # h_t
+                dA = tl.load(w + SUB * BLOCK_D * BLOCK_N)
                 dt = tl.load(wdt)
                 if HAS_Z:
-                    sig = 1.0 / (1.0 + tl.exp(-zt))
+                    sig = _sigmoid(zt)
                     y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
                     g_z = g_y * y * sig * (1.0 + zt * (1.0 - sig))
                     tl.store(pgz, g_z.to(gz_ptr.dtype.element_ty), mask=md)
                     g_y = g_y * zt * sig
                 gD_acc += g_y * u
                 g_h = g_y[:, None] * Ct[None, :] + g_next
-                g_next = tl.exp2(dt[:, None] * A2) * g_h
+                g_next = dA * g_h
                 dtu = dt * u
                 g_dtA = g_h * (h - dtu[:, None] * Bt[None, :])
                 gA_acc += g_dtA * dt[:, None]
@@ -422,7 +436,6 @@ def _scan_bwd_kernel(
                 g_pre = tl.sum(g_dtA * A2, axis=1) * LN2 + g_dtu * u
                 if SOFTPLUS:
                     g_pre = g_pre * sig_pre
-                g_pre = tl.where(md, g_pre, 0.0)
                 gbias_acc += g_pre
                 tl.store(pgu, g_u.to(gu_ptr.dtype.element_ty), mask=md)
                 tl.store(pgdt, g_pre.to(gdelta_ptr.dtype.element_ty), mask=md)
@@ -546,7 +559,7 @@ def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torc
         grid = (b, triton.cdiv(d, block_d))
         sub = min(SUB_CHUNK, chunk)
         tile = block_d * block_n
-        ws, ws0 = torch.empty(b * grid[1] * sub * tile, **f32), torch.empty(b * grid[1] * triton.cdiv(chunk, sub) * tile, **f32)
+        ws, ws0 = torch.empty(b * grid[1] * 2 * sub * tile, **f32), torch.empty(b * grid[1] * triton.cdiv(chunk, sub) * tile, **f32)
         ws_dt = torch.empty(b * grid[1] * chunk * block_d, **f32)
         _scan_bwd_kernel[grid](
             g_out, u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias)), starts, ws, ws0, ws_dt,
@@ -836,11 +849,12 @@ def _conv_bwd_kernel(
     tl.store(gx_ptr + offs, g_x.to(gx_ptr.dtype.element_ty), mask=(rt < seqlen)[:, None] & mc[None, :])
 
 
-# The backward for widths up to STREAM_MAX_W (DiS's d_conv is 4), streamed: a program owns one batch row and
-# BLOCK_C channels and walks the tokens once, keeping the last STREAM_MAX_W x rows, g_pre_f values and
-# g_pre_b values in registers, so every x and g_out row is loaded once and every g_pre computed once (the
-# tiled kernel above recomputes g_pre at W shifted tiles, each from W loads of x, and reduces g_weight across
-# threads on every tile; here g_weight and g_bias are per-channel sums in registers, added once at the end).
+# Widths up to STREAM_MAX_W (DiS's d_conv is 4) take streamed kernels: a program owns one batch row and
+# BLOCK_C channels (one per thread) and walks the tokens once, keeping the last STREAM_MAX_W x rows (and in
+# the backward g_pre_f and g_pre_b values) in registers, so every x and g_out row is loaded once and every
+# g_pre computed once (the tiled backward above recomputes g_pre at W shifted tiles, each from W loads of x,
+# and reduces g_weight across threads on every tile; here g_weight and g_bias are per-channel sums in
+# registers, added once at the end). The tiled kernels serve wider convs.
 # With taps written by distance, wf_j = weight_f[:, W_F-1-j] (the weight of x_{t-j} in pre_f_t) and
 # wb_j = weight_b[:, W_B-1-j] (of x_{t+j} in pre_b_t), 0 for j >= W, step i (i = 0 .. l+2) takes token i in:
 #   pre_f_i     = bias_f + sum_j wf_j x_{i-j}         g_pre_f_i = g_f_i silu'(pre_f_i)
@@ -878,6 +892,43 @@ def _add_tap_grads(gw_ptr, rc, mc, W: tl.constexpr, g0, g1, g2, g3):
         tl.atomic_add(gw_ptr + rc * W + (W - 3), g2, mask=mc, sem="relaxed")
     if W > 3:
         tl.atomic_add(gw_ptr + rc * W + (W - 4), g3, mask=mc, sem="relaxed")
+
+
+@triton.jit
+def _conv_fwd_stream_kernel(
+    x_ptr, sx_b, sx_l, sx_d, seqlen, dim,
+    uf_ptr, wf_ptr, swf_d, swf_k, bf_ptr, sbf_d,        # causal direction: out (contiguous), weight, bias
+    ub_ptr, wb_ptr, swb_d, swb_k, bb_ptr, sbb_d,        # reverse direction
+    CAUSAL: tl.constexpr, ANTI: tl.constexpr, W_F: tl.constexpr, W_B: tl.constexpr,
+    HAS_BF: tl.constexpr, HAS_BB: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # the forward of the streamed walk: step i stores u_f_i and u_b_{i-3}, each x row loaded once
+    pid_b = tl.program_id(0).to(tl.int64)
+    rc = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mc = rc < dim
+    wf0 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 0, BLOCK_C)
+    wf1 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 1, BLOCK_C)
+    wf2 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 2, BLOCK_C)
+    wf3 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 3, BLOCK_C)
+    wb0 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 0, BLOCK_C)
+    wb1 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 1, BLOCK_C)
+    wb2 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 2, BLOCK_C)
+    wb3 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 3, BLOCK_C)
+    bias_f = _conv_bias(bf_ptr, rc, sbf_d, mc, HAS_BF, BLOCK_C)
+    bias_b = _conv_bias(bb_ptr, rc, sbb_d, mc, HAS_BB, BLOCK_C)
+    px = x_ptr + pid_b * sx_b + rc * sx_d                        # token i
+    puf = uf_ptr + pid_b * seqlen * dim + rc                     # token i
+    pub = ub_ptr + pid_b * seqlen * dim + rc - 3 * dim           # token i - 3
+    zero = tl.zeros((BLOCK_C,), tl.float32)
+    x1, x2, x3 = zero, zero, zero            # x_{i-1}, x_{i-2}, x_{i-3}
+    for i in range(0, seqlen + 3):
+        x0 = tl.load(px, mask=mc & (i < seqlen), other=0.0).to(tl.float32)
+        if CAUSAL:
+            _conv_store(puf, 0, mc & (i < seqlen), bias_f + wf0 * x0 + wf1 * x1 + wf2 * x2 + wf3 * x3, ACT)
+        if ANTI:
+            _conv_store(pub, 0, mc & (i >= 3), bias_b + wb0 * x3 + wb1 * x2 + wb2 * x1 + wb3 * x0, ACT)
+        x1, x2, x3 = x0, x1, x2
+        px, puf, pub = px + sx_l, puf + dim, pub + dim
 
 
 @triton.jit
@@ -972,7 +1023,17 @@ def _conv_fwd_impl(x, weight_f, bias_f, weight_b, bias_b, activation):
     in one launch; a direction whose weight is None is skipped, and its output is None."""
     b, l, d = x.shape
     u_f, u_b = (_new(x, x) if w is not None else None for w in (weight_f, weight_b))
-    if x.numel() > 0:
+    if x.numel() > 0 and max(_conv_width(weight_f), _conv_width(weight_b)) <= STREAM_MAX_W:
+        block_c = min(CONV_STREAM_BLOCK_C, triton.next_power_of_2(d))
+        _conv_fwd_stream_kernel[(b, triton.cdiv(d, block_c))](
+            x, *x.stride(), l, d,
+            *_conv_arg(u_f, 0, x), *_conv_arg(weight_f, 2, x), *_conv_arg(bias_f, 1, x),
+            *_conv_arg(u_b, 0, x), *_conv_arg(weight_b, 2, x), *_conv_arg(bias_b, 1, x),
+            CAUSAL=weight_f is not None, ANTI=weight_b is not None,
+            W_F=_conv_width(weight_f), W_B=_conv_width(weight_b),
+            HAS_BF=bias_f is not None, HAS_BB=bias_b is not None, ACT=activation,
+            BLOCK_C=block_c, num_warps=max(1, block_c // 32))
+    elif x.numel() > 0:
         grid, block_l, block_c = _conv_grid(b, l, d)
         _conv_fwd_kernel[grid](
             x, *x.stride(), l, d,
