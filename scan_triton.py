@@ -494,27 +494,19 @@ def _fwd_outputs(u, A, chunk):
     return _new(u, u), u.new_empty(b, n_chunks, d, A.shape[1], dtype=torch.float32)
 
 
-def _bwd_result(token_major, u, g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias, g_delta_proj):
+def _bwd_result(token_major, u, g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias):
     """The bwd op's outputs: activation gradients back in the caller's layout, absent ones as shape (0,)."""
     grads = (_tm(g_u, token_major), _tm(g_delta, token_major), g_A, _tm(g_B, token_major),
-             _tm(g_C, token_major), g_D, _tm(g_z, token_major), g_bias, g_delta_proj)
+             _tm(g_C, token_major), g_D, _tm(g_z, token_major), g_bias)
     return tuple(g if g is not None else u.new_empty(0) for g in grads)
-
-
-def _project(delta, delta_proj):
-    """delta itself, or with delta_proj the full-rank delta = delta @ delta_proj^T in delta's dtype (the
-    rounding of dt_proj under autocast, which casts both to the autocast dtype)."""
-    return delta if delta_proj is None else F.linear(delta, delta_proj.to(delta.dtype))
 
 
 @torch.library.custom_op("dis_scan::selective_scan_fwd", mutates_args=())
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
               delta_softplus: bool, chunk: int, reverse: bool = False, add: Optional[torch.Tensor] = None,
-              token_major: bool = False, A_is_log: bool = False, delta_proj: Optional[torch.Tensor] = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              token_major: bool = False, A_is_log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     u, delta, B, C, z, add = (_tm(x, token_major) for x in (u, delta, B, C, z, add))
-    delta = _project(delta, delta_proj)
     A, D, delta_bias = (x.contiguous() if x is not None else None for x in (A, D, delta_bias))
     b, l, d = u.shape
     n = A.shape[1]
@@ -532,7 +524,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 @_scan_fwd.register_fake
 def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reverse=False, add=None,
-                   token_major=False, A_is_log=False, delta_proj=None):
+                   token_major=False, A_is_log=False):
     out, starts = _fwd_outputs(_tm(u, token_major), A, chunk)
     return _tm(out, token_major), starts
 
@@ -541,12 +533,10 @@ def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, r
 def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
               C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
               delta_bias: Optional[torch.Tensor], starts: torch.Tensor, delta_softplus: bool, chunk: int,
-              reverse: bool = False, token_major: bool = False, A_is_log: bool = False,
-              delta_proj: Optional[torch.Tensor] = None
+              reverse: bool = False, token_major: bool = False, A_is_log: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                         torch.Tensor, torch.Tensor, torch.Tensor]:
+                         torch.Tensor, torch.Tensor]:
     g_out, u, delta, B, C, z = (_tm(x, token_major) for x in (g_out, u, delta, B, C, z))
-    delta_low, delta = delta, _project(delta, delta_proj)    # recomputed: the forward keeps the low-rank part
     A, D, delta_bias, starts = (x.contiguous() if x is not None else None for x in (A, D, delta_bias, starts))
     b, l, d = u.shape
     n = A.shape[1]
@@ -569,26 +559,21 @@ def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torc
             REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, SUB=sub, BLOCK_D=block_d, BLOCK_N=block_n,
             num_warps=SCAN_NUM_WARPS)
     cast = lambda g, x: g.to(x.dtype) if x is not None else None
-    g_proj = None
-    if delta_proj is not None:   # through delta = delta_low @ delta_proj^T, in delta's dtype as in the forward
-        g_proj = (g_delta.reshape(-1, d).t() @ delta_low.reshape(-1, delta_low.shape[-1])).to(delta_proj.dtype)
-        g_delta = g_delta @ delta_proj.to(g_delta.dtype)
     return _bwd_result(token_major, u, g_u, g_delta, g_A.to(A.dtype), g_B.to(B.dtype), g_C.to(C.dtype),
-                       cast(g_D, D), g_z, cast(g_bias, delta_bias), g_proj)
+                       cast(g_D, D), g_z, cast(g_bias, delta_bias))
 
 
 @_scan_bwd.register_fake
 def _scan_bwd_fake(g_out, u, delta, A, B, C, D, z, delta_bias, starts, delta_softplus, chunk, reverse=False,
-                   token_major=False, A_is_log=False, delta_proj=None):
-    u, B, delta = _tm(u, token_major), _tm(B, token_major), _tm(delta, token_major)
-    return _bwd_result(token_major, u, _new(u, u), _new(delta, delta if delta_proj is not None else u),
-                       _new(A, A), _new(B, B), _new(C, B), _new(D, D), _new(z, u), _new(delta_bias, delta_bias),
-                       _new(delta_proj, delta_proj))
+                   token_major=False, A_is_log=False):
+    u, B = _tm(u, token_major), _tm(B, token_major)
+    return _bwd_result(token_major, u, _new(u, u), _new(delta, u), _new(A, A), _new(B, B), _new(C, B),
+                       _new(D, D), _new(z, u), _new(delta_bias, delta_bias))
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reverse, add, token_major, A_is_log, proj = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], proj)   # add is not needed
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reverse, add, token_major, A_is_log = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])   # add is not needed
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)   # no zero gradient of starts' size; g_out is None when out is unused
     ctx.flags = (delta_softplus, chunk, reverse, token_major, A_is_log)
@@ -596,15 +581,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_out, _g_starts):
-    grads = [None] * 15
+    grads = [None] * 14
     if g_out is None:
         return tuple(grads)
-    needs = tuple(ctx.needs_input_grad) + (False,) * 15   # (shorter when delta_proj was not passed)
-    if any(needs[:8]) or needs[14]:
+    if any(ctx.needs_input_grad[:8]):
         saved = ctx.saved_tensors
-        g = torch.ops.dis_scan.selective_scan_bwd(g_out, *saved[:9], *ctx.flags, saved[9])
+        g = torch.ops.dis_scan.selective_scan_bwd(g_out, *saved, *ctx.flags)
         grads[:8] = [gi if x is not None else None for gi, x in zip(g, saved[:8])]
-        grads[14] = g[8] if saved[9] is not None else None
     if ctx.add_dtype is not None:
         grads[11] = g_out.to(ctx.add_dtype)   # out = add + ...: g_out itself when the dtypes agree
     return tuple(grads)
@@ -660,14 +643,47 @@ def selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     A: (d, n), D, delta_bias: (d,). reverse scans from the last token to the first (flip, scan, flip back);
     add, if given, is added to the result inside the kernel; A_is_log: A holds Mamba's A_log, and the kernels
     use A = -exp(A_log) (its gradient is A_log's). delta_proj (d, dt_rank), if given: delta is the low-rank
-    (b, l, dt_rank) input of dt_proj, and the op computes delta @ delta_proj^T itself, in delta's dtype, and
-    again in the backward, so that autograd keeps the low-rank part instead of a (b, l, d) tensor.
+    (b, l, dt_rank) input of dt_proj, projected here (delta @ delta_proj^T in delta's dtype) and again in the
+    backward, so that autograd keeps the low-rank part instead of a (b, l, d) tensor.
     Returns a new contiguous (b, l, d) tensor in u's dtype; differentiable in every tensor argument."""
     _check("selective_scan_triton_tm", u, delta, A, B, C, D, z, delta_bias, add, chunk, True, delta_proj)
-    out, _ = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                                   int(chunk), bool(reverse), add, True, bool(A_is_log),
-                                                   delta_proj)
+    flags = (bool(delta_softplus), int(chunk), bool(reverse), True, bool(A_is_log))
+    if delta_proj is not None:
+        return _LowRankDeltaScan.apply(u, delta, delta_proj, A, B, C, D, z, delta_bias, add, *flags)
+    out, _ = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, *flags[:3], add,
+                                                   *flags[3:])
     return out
+
+
+class _LowRankDeltaScan(torch.autograd.Function):
+    """The scan of delta = delta_low @ delta_proj^T (dt_proj), token-major: the projection runs as an ordinary
+    matmul before the scan op and again in the backward, so that autograd keeps the low-rank (b, l, dt_rank)
+    input instead of the (b, l, d) delta. W is cast to delta_low's dtype, as autocast casts both, so the
+    recomputed delta equals the forward's with or without autocast."""
+
+    @staticmethod
+    def forward(ctx, u, delta_low, delta_proj, A, B, C, D, z, delta_bias, add, delta_softplus, chunk, reverse,
+                token_major, A_is_log):
+        delta = F.linear(delta_low, delta_proj.to(delta_low.dtype))                  # (b, l, d)
+        out, starts = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                            chunk, reverse, add, token_major, A_is_log)
+        ctx.save_for_backward(u, delta_low, delta_proj, A, B, C, D, z, delta_bias, starts)
+        ctx.flags = (delta_softplus, chunk, reverse, token_major, A_is_log)
+        ctx.add_dtype = add.dtype if add is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        u, delta_low, delta_proj, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        W = delta_proj.to(delta_low.dtype)
+        delta = F.linear(delta_low, W)                                               # recomputed
+        g = torch.ops.dis_scan.selective_scan_bwd(g_out, u, delta, A, B, C, D, z, delta_bias, starts, *ctx.flags)
+        g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias = (gi if x is not None else None for gi, x in
+                                                          zip(g, (u, delta, A, B, C, D, z, delta_bias)))
+        g_low = g_delta @ W                                                          # (b, l, dt_rank)
+        g_proj = (g_delta.flatten(0, 1).t() @ delta_low.flatten(0, 1)).to(delta_proj.dtype)   # (d, dt_rank)
+        g_add = g_out.to(ctx.add_dtype) if ctx.add_dtype is not None else None
+        return g_u, g_low, g_proj, g_A, g_B, g_C, g_D, g_z, g_bias, g_add, None, None, None, None, None
 
 
 #################################################################################
@@ -1490,7 +1506,7 @@ def bimamba_inner_fn(hidden, in_proj_weight, out_proj_weight, forward_params, ba
         dt_rank, n = dt_proj_weight.shape[1], A_log.shape[1]
         x_dbl = F.linear(u, x_proj_weight)                                            # (b, l, dt_rank + 2n)
         delta_low, B, C = x_dbl.split([dt_rank, n, n], dim=-1)   # views; one cat joins their gradients
-        # dt_proj runs inside the scan op, which recomputes the (b, l, d_inner) delta in its backward
+        # dt_proj runs with the scan, which recomputes the (b, l, d_inner) delta in its backward
         y = selective_scan_triton_tm(u, delta_low, A_log, B, C, D, z, dt_proj_bias, delta_softplus=True,
                                      reverse=reverse, add=y, A_is_log=True,
                                      delta_proj=dt_proj_weight)                            # (b, l, d_inner)
