@@ -322,8 +322,8 @@ def _scan_bwd_kernel(
     gB0 = _at_token0(gB_ptr, pid_b, sgB_b, rn, sgB_n)
     gC0 = _at_token0(gC_ptr, pid_b, sgC_b, rn, sgC_n)
     st = starts_ptr + pid_b * n_chunks * dim * dstate + rd[:, None] * dstate + rn[None, :]
-    # this program's private workspace, padded to whole tiles so that it needs no mask: the chunk's states and
-    # its dt (the softplus is computed once, in the rerun)
+    # this program's private workspace, padded to whole tiles so that it needs no mask: a piece's states and
+    # their exp(dt A), the state each piece of the chunk starts from, the chunk's dt
     prog = pid_b * tl.num_programs(1) + pid_d
     tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + rn[None, :]
     ws = ws_ptr + prog * (2 * SUB * BLOCK_D * BLOCK_N) + tile   # the piece's states, then their exp(dt A)
@@ -407,8 +407,8 @@ def _scan_bwd_kernel(
                                            B_n.to(tl.float32), C_n.to(tl.float32), z_n.to(tl.float32))
                 sig_pre = _sigmoid(pre)   # softplus' (computed one channel per thread, before the sums)
                 more = s > 0
-                pg, pu, pdt, pz, pB, pC = pg - DIR * sg_l, pu - DIR * su_l, pdt - DIR * sdt_l, pz - DIR * sz_l, \
-                    pB - DIR * sB_l, pC - DIR * sC_l
+                pg, pu, pdt, pz = pg - DIR * sg_l, pu - DIR * su_l, pdt - DIR * sdt_l, pz - DIR * sz_l
+                pB, pC = pB - DIR * sB_l, pC - DIR * sC_l
                 g_n = tl.load(pg, mask=md & more, other=0.0)
                 u_n = tl.load(pu, mask=md & more, other=0.0)
                 pre_n = tl.load(pdt, mask=md & more, other=0.0)
@@ -443,8 +443,8 @@ def _scan_bwd_kernel(
                 gC_t = tl.sum(h * g_y[:, None], axis=0)
                 tl.atomic_add(pgB, gB_t, mask=mn, sem="relaxed")
                 tl.atomic_add(pgC, gC_t, mask=mn, sem="relaxed")
-                pgu, pgdt, pgz, pgB, pgC = pgu - DIR * sgu_l, pgdt - DIR * sgdt_l, pgz - DIR * sgz_l, pgB - DIR * sgB_l, \
-                    pgC - DIR * sgC_l
+                pgu, pgdt, pgz = pgu - DIR * sgu_l, pgdt - DIR * sgdt_l, pgz - DIR * sgz_l
+                pgB, pgC = pgB - DIR * sgB_l, pgC - DIR * sgC_l
     A = A2 * LN2
     if A_IS_LOG:   # dA / dA_log = -exp(A_log) = A
         gA_acc = gA_acc * A
@@ -549,7 +549,8 @@ def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torc
         grid = (b, triton.cdiv(d, block_d))
         sub = min(SUB_CHUNK, chunk)
         tile = block_d * block_n
-        ws, ws0 = torch.empty(b * grid[1] * 2 * sub * tile, **f32), torch.empty(b * grid[1] * triton.cdiv(chunk, sub) * tile, **f32)
+        ws = torch.empty(b * grid[1] * 2 * sub * tile, **f32)                  # a piece's h and exp(dt A)
+        ws0 = torch.empty(b * grid[1] * triton.cdiv(chunk, sub) * tile, **f32)  # the pieces' start states
         ws_dt = torch.empty(b * grid[1] * chunk * block_d, **f32)
         _scan_bwd_kernel[grid](
             g_out, u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias)), starts, ws, ws0, ws_dt,
