@@ -13,11 +13,12 @@ Each kernel is a torch.library custom op with a fake implementation and its auto
 torch.compile(fullgraph=True) traces a whole training step without a graph break.
 
 Public API:
-    selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=32)
+    selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=256)
         (b, d, l) layout, DiS.selective_scan's signature
     selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             reverse=False, add=None, A_is_log=False, chunk=32)
-        (b, l, d) layout; returns a new contiguous (b, l, d) tensor
+                             reverse=False, add=None, A_is_log=False, chunk=256, delta_proj=None)
+        (b, l, d) layout; returns a new contiguous (b, l, d) tensor; with delta_proj (d, dt_rank), delta is
+        dt_proj's low-rank input and the op projects it (in the forward and again in the backward)
     causal_conv1d_triton(x, weight, bias=None, reverse=False, activation=True)            x: (b, l, d)
     causal_conv1d_bidir_triton(x, weight_f, bias_f, weight_b, bias_b, activation=True) -> (u_f, u_b)
     add_rms_norm_triton(hidden, residual, weight, eps, scale=None, out_dtype=None) -> (normed, residual_out)
@@ -50,17 +51,22 @@ a (b, d, l) view of a contiguous (b, l, d) result (not contiguous itself; its tr
 Inputs may be float32, bfloat16 or float16, mixed; everything is computed in float32, the output has u's
 dtype and each gradient its input's dtype.
 
-Algorithm, per program = (one batch row b, a block of BLOCK_D channels), state h: (BLOCK_D, n) in registers.
-Step s = 0 .. l-1 handles token t = s, or t = l-1-s when reverse (the scan of the flipped sequence, written
-at the original positions: flip(scan(flip(inputs))) along l); chunks are chunks of CHUNK steps.
+Algorithm, per program = (one batch row b, a block of BLOCK_D channels), state h: (BLOCK_D, n) in registers,
+one warp (SCAN_NUM_WARPS): the (BLOCK_D, n) tile spread over more warps costs a cross-warp exchange for every
+sum over states or channels, on every step. Step s = 0 .. l-1 handles token t = s, or t = l-1-s when reverse
+(the scan of the flipped sequence, written at the original positions: flip(scan(flip(inputs))) along l);
+chunks are chunks of CHUNK steps, pieces are pieces of SUB_CHUNK steps of a chunk. Every step loads the next
+step's inputs before it computes its own, and exp(dt A) is one exp2 of dt (A log2(e)).
     forward   for each chunk: save h (the state the chunk starts from), then for each step's token t
                   dt = softplus(delta + delta_bias),  h = exp(dt A) h + dt u B,  y = <h, C> + D u,
                   out = add + y silu(z)            (add, z, D, delta_bias optional; softplus if asked)
               so the only saved tensor besides the inputs is starts: (b, l / CHUNK, d, n), float32.
-    backward  for each chunk, last first: rerun the chunk from its saved start state, writing its CHUNK
-              states to a small per-program workspace (b, d / BLOCK_D, CHUNK, BLOCK_D, n), then walk the
-              chunk's steps backwards with the adjoint recurrence (below). add's gradient is g_out itself
-              and needs no kernel.
+    backward  for each chunk, last first: rerun the chunk from its saved start state, keeping each step's dt
+              and the state each piece starts from; then for each piece, last first, rerun the piece from its
+              start, writing its states and exp(dt A) to a small per-program workspace
+              (b, d / BLOCK_D, 2 SUB_CHUNK, BLOCK_D, n), and walk the piece's steps backwards with the
+              adjoint recurrence (below). Sparse saved states cost one more rerun of each chunk (the first),
+              and the workspace stays a piece. add's gradient is g_out itself and needs no kernel.
 The scan's ops take token_major (False: mamba-ssm's (b, d, l) layout, whose outputs and gradients are
 transposed views of new (b, l, d) / (b, l, n) tensors) and A_is_log (A holds Mamba's A_log; the kernels use
 A = -exp(A_log), so the mixer needs no kernels of its own for it).
@@ -81,12 +87,17 @@ import triton.language as tl
 __all__ = ["selective_scan_triton", "selective_scan_triton_tm", "causal_conv1d_triton", "causal_conv1d_bidir_triton",
            "add_rms_norm_triton", "bimamba_inner_fn", "triton_scan_usable", "INTERPRETED", "CHUNK", "BLOCK_D"]
 
-CHUNK = 32      # steps per chunk: one saved state each, and the backward workspace holds one chunk
+CHUNK = 256     # steps per chunk: one saved state each (the backward reruns a chunk to recover its states)
+SUB_CHUNK = 32  # steps per piece of a chunk that the backward reruns again, keeping its states: the workspace
 BLOCK_D = 32    # channels per program; a (BLOCK_D, n) float32 state tile stays in registers
+SCAN_NUM_WARPS = 1
 NUM_WARPS = 4
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CONV_BLOCK_L = 32   # tokens per program (fewer for short sequences)
 CONV_BLOCK_D = 64   # channels per program (fewer for narrow d): 128 bytes of a bf16 row, one cache line
+CONV_STREAM_BLOCK_C = 32   # channels per program of the streamed conv backward: one per thread of one warp
 NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # hidden's and normed's dtypes
 NORM_MAX_D = 1 << 16    # a whole row stays on chip as one BLOCK_D tile (Triton caps a tile at 2**20 items)
 
@@ -167,8 +178,9 @@ def _at_token0(ptr, pid_b, stride_b, r, stride_r):
 @triton.jit
 def _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D: tl.constexpr,
                          HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A (BLOCK_D, BLOCK_N), D and delta_bias (BLOCK_D,) of this program's channels, in float32 (0 if absent).
-    A_IS_LOG: the tensor holds Mamba's parameter A_log, and A = -exp(A_log) (no separate kernels for it)."""
+    """A * log2(e) (BLOCK_D, BLOCK_N), D and delta_bias (BLOCK_D,) of this program's channels, in float32 (0 if
+    absent). A_IS_LOG: the tensor holds Mamba's parameter A_log, and A = -exp(A_log) (no separate kernels for it).
+    A comes pre-scaled so that exp(dt A) is one exp2 (a single MUFU.EX2), not exp's scaling and range checks."""
     A = tl.load(A_ptr + rd[:, None] * dstate + rn[None, :], mask=mdn, other=0.0).to(tl.float32)
     if A_IS_LOG:
         A = tl.where(mdn, -tl.exp(A), 0.0)
@@ -178,18 +190,26 @@ def _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D:
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rd, mask=md, other=0.0).to(tl.float32)
-    return A, Dv, bias
+    return A * LOG2E, Dv, bias
 
 
 @triton.jit
-def _token_inputs(u0, su_l, dt0, sdt_l, B0, sB_l, t, bias, md, mn, SOFTPLUS: tl.constexpr):
-    """Token t's u and dt = softplus(delta + delta_bias), (BLOCK_D,), and B_t, (BLOCK_N,), in float32."""
-    u = tl.load(u0 + t * su_l, mask=md, other=0.0).to(tl.float32)
-    dt = tl.load(dt0 + t * sdt_l, mask=md, other=0.0).to(tl.float32) + bias
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
+
+
+@triton.jit
+def _dt(pre, SOFTPLUS: tl.constexpr):
+    """dt from pre = delta + delta_bias."""
     if SOFTPLUS:
-        dt = _softplus(dt)
-    Bt = tl.load(B0 + t * sB_l, mask=mn, other=0.0).to(tl.float32)
-    return u, dt, Bt
+        return _softplus(pre)
+    return pre
+
+
+@triton.jit
+def _next_token(s, seqlen, REVERSE: tl.constexpr):
+    """The token of step s + 1, or of step s at the last step: the inputs fetched ahead are always in range."""
+    return _token(tl.minimum(s + 1, seqlen - 1), seqlen, REVERSE)
 
 
 @triton.jit
@@ -210,8 +230,8 @@ def _scan_fwd_kernel(
     md, mn = rd < dim, rn < dstate
     mdn = md[:, None] & mn[None, :]
 
-    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
-                                       BLOCK_D)
+    A2, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
+                                        BLOCK_D)
 
     u0 = _at_token0(u_ptr, pid_b, su_b, rd, su_d)
     dt0 = _at_token0(delta_ptr, pid_b, sdt_b, rd, sdt_d)
@@ -222,22 +242,43 @@ def _scan_fwd_kernel(
     C0 = _at_token0(C_ptr, pid_b, sC_b, rn, sC_n)
     st = starts_ptr + pid_b * n_chunks * dim * dstate + rd[:, None] * dstate + rn[None, :]
 
+    # pointers move one step per step (DIR tokens); each step loads the next step's inputs before it computes its
+    # own, so the loads' latency hides behind the arithmetic (past the last step they are masked off)
+    DIR: tl.constexpr = -1 if REVERSE else 1
+    t = _token(0, seqlen, REVERSE)
+    pu, pdt, pz, padd, pout = u0 + t * su_l, dt0 + t * sdt_l, z0 + t * sz_l, add0 + t * sadd_l, out0 + t * so_l
+    pB, pC = B0 + t * sB_l, C0 + t * sC_l
+    u_n = tl.load(pu, mask=md, other=0.0)
+    pre_n = tl.load(pdt, mask=md, other=0.0)
+    B_n = tl.load(pB, mask=mn, other=0.0)
+    C_n = tl.load(pC, mask=mn, other=0.0)
+    z_n = tl.load(pz, mask=md & HAS_Z, other=0.0)
+    add_n = tl.load(padd, mask=md & HAS_ADD, other=0.0)
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for c in range(n_chunks):
         tl.store(st + c * dim * dstate, h, mask=mdn)   # the state this chunk starts from
         s0 = c * CHUNK
         for s in range(s0, tl.minimum(s0 + CHUNK, seqlen)):
-            t = _token(s, seqlen, REVERSE)
-            u, dt, Bt = _token_inputs(u0, su_l, dt0, sdt_l, B0, sB_l, t, bias, md, mn, SOFTPLUS)
-            Ct = tl.load(C0 + t * sC_l, mask=mn, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            u, pre, Bt, Ct, zt, at = (u_n.to(tl.float32), pre_n.to(tl.float32) + bias, B_n.to(tl.float32),
+                                      C_n.to(tl.float32), z_n.to(tl.float32), add_n.to(tl.float32))
+            more = s + 1 < seqlen
+            pu, pdt, pz, padd = pu + DIR * su_l, pdt + DIR * sdt_l, pz + DIR * sz_l, padd + DIR * sadd_l
+            pB, pC = pB + DIR * sB_l, pC + DIR * sC_l
+            u_n = tl.load(pu, mask=md & more, other=0.0)
+            pre_n = tl.load(pdt, mask=md & more, other=0.0)
+            B_n = tl.load(pB, mask=mn & more, other=0.0)
+            C_n = tl.load(pC, mask=mn & more, other=0.0)
+            z_n = tl.load(pz, mask=md & more & HAS_Z, other=0.0)
+            add_n = tl.load(padd, mask=md & more & HAS_ADD, other=0.0)
+            dt = _dt(pre, SOFTPLUS)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
             y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
             if HAS_Z:
-                zt = tl.load(z0 + t * sz_l, mask=md, other=0.0).to(tl.float32)
-                y = y * zt / (1.0 + tl.exp(-zt))
+                y = y * zt * _sigmoid(zt)
             if HAS_ADD:   # summed in float32: a bf16 output is rounded once, not twice
-                y += tl.load(add0 + t * sadd_l, mask=md, other=0.0).to(tl.float32)
-            tl.store(out0 + t * so_l, y.to(out_ptr.dtype.element_ty), mask=md)
+                y += at
+            tl.store(pout, y.to(out_ptr.dtype.element_ty), mask=md)
+            pout += DIR * so_l
 
 
 # Gradients. With pre_t = delta_t + delta_bias, dt_t = softplus(pre_t), the forward is
@@ -266,7 +307,7 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     gout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr,   # inputs
-    ws_ptr,                                                           # workspace: one chunk of states
+    ws_ptr, ws0_ptr, wsdt_ptr,                      # workspace: a piece's states, the pieces' starts, a chunk's dt
     gu_ptr, gdelta_ptr, gz_ptr,                                       # written once each
     gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr,                        # float32, zeroed, atomic adds
     dim, dstate, seqlen, n_chunks,
@@ -274,7 +315,7 @@ def _scan_bwd_kernel(
     sgu_b, sgu_l, sgu_d, sgdt_b, sgdt_l, sgdt_d, sgz_b, sgz_l, sgz_d,
     sB_b, sB_l, sB_n, sC_b, sC_l, sC_n, sgB_b, sgB_l, sgB_n, sgC_b, sgC_l, sgC_n,  # (batch, token, state)
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, A_IS_LOG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    REVERSE: tl.constexpr, A_IS_LOG: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -284,8 +325,8 @@ def _scan_bwd_kernel(
     md, mn = rd < dim, rn < dstate
     mdn = md[:, None] & mn[None, :]
 
-    A, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
-                                       BLOCK_D)
+    A2, Dv, bias = _load_channel_params(A_ptr, D_ptr, bias_ptr, rd, rn, md, mdn, dstate, HAS_D, HAS_BIAS, A_IS_LOG,
+                                        BLOCK_D)
 
     g0 = _at_token0(gout_ptr, pid_b, sg_b, rd, sg_d)
     u0 = _at_token0(u_ptr, pid_b, su_b, rd, su_d)
@@ -299,9 +340,26 @@ def _scan_bwd_kernel(
     gB0 = _at_token0(gB_ptr, pid_b, sgB_b, rn, sgB_n)
     gC0 = _at_token0(gC_ptr, pid_b, sgC_b, rn, sgC_n)
     st = starts_ptr + pid_b * n_chunks * dim * dstate + rd[:, None] * dstate + rn[None, :]
-    # this program's private workspace, padded to whole tiles so that it needs no mask
-    ws = (ws_ptr + (pid_b * tl.num_programs(1) + pid_d) * (CHUNK * BLOCK_D * BLOCK_N)
-          + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + rn[None, :])
+    # this program's private workspace, padded to whole tiles so that it needs no mask: a piece's states and
+    # their exp(dt A), the state each piece of the chunk starts from, the chunk's dt
+    prog = pid_b * tl.num_programs(1) + pid_d
+    tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + rn[None, :]
+    ws = ws_ptr + prog * (2 * SUB * BLOCK_D * BLOCK_N) + tile   # the piece's states, then their exp(dt A)
+    ws0 = ws0_ptr + prog * (tl.cdiv(CHUNK, SUB) * BLOCK_D * BLOCK_N) + tile
+    wsdt = wsdt_ptr + prog * (CHUNK * BLOCK_D) + tl.arange(0, BLOCK_D)
+
+    # pointers move one step per step (DIR tokens, backwards in the adjoint walk), and each step fetches the
+    # inputs of the step it hands over to before it computes its own (as in the forward)
+    DIR: tl.constexpr = -1 if REVERSE else 1
+    t = _token(seqlen - 1, seqlen, REVERSE)
+    pg, pu, pdt, pz, pB, pC = g0 + t * sg_l, u0 + t * su_l, dt0 + t * sdt_l, z0 + t * sz_l, B0 + t * sB_l, C0 + t * sC_l
+    pgu, pgdt, pgz, pgB, pgC = gu0 + t * sgu_l, gdt0 + t * sgdt_l, gz0 + t * sgz_l, gB0 + t * sgB_l, gC0 + t * sgC_l
+    g_n = tl.load(pg, mask=md, other=0.0)
+    u_n = tl.load(pu, mask=md, other=0.0)
+    pre_n = tl.load(pdt, mask=md, other=0.0)
+    B_n = tl.load(pB, mask=mn, other=0.0)
+    C_n = tl.load(pC, mask=mn, other=0.0)
+    z_n = tl.load(pz, mask=md & HAS_Z, other=0.0)
 
     g_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)   # exp(dt_{t+1} A) g_h_{t+1}
     gA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -311,54 +369,101 @@ def _scan_bwd_kernel(
         c = n_chunks - 1 - cc
         s0 = c * CHUNK
         s1 = tl.minimum(s0 + CHUNK, seqlen)
-        # 1. rerun the chunk from its saved start state, keeping its states in the workspace
+        n_sub = tl.cdiv(s1 - s0, SUB)
+        # 0. rerun the chunk from its saved start state: keep the state each piece of SUB steps starts from,
+        #    and each step's dt (the softplus is computed once per step)
         h = tl.load(st + c * dim * dstate, mask=mdn, other=0.0)
         tl.debug_barrier()   # every thread has read the previous chunk's workspace before it is overwritten
-        for s in range(s0, s1):
-            t = _token(s, seqlen, REVERSE)
-            u, dt, Bt = _token_inputs(u0, su_l, dt0, sdt_l, B0, sB_l, t, bias, md, mn, SOFTPLUS)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            tl.store(ws + (s - s0) * (BLOCK_D * BLOCK_N), h)
-        tl.debug_barrier()   # the states are written before any thread reads them back
-        # 2. walk the chunk's steps backwards: the adjoint recurrence and the local gradients (comment above)
-        for i in range(s1 - s0):
-            s = s1 - 1 - i
-            t = _token(s, seqlen, REVERSE)
-            h = tl.load(ws + (s - s0) * (BLOCK_D * BLOCK_N))                     # h_t
-            u = tl.load(u0 + t * su_l, mask=md, other=0.0).to(tl.float32)
-            pre = tl.load(dt0 + t * sdt_l, mask=md, other=0.0).to(tl.float32) + bias
-            dt = pre
-            if SOFTPLUS:
-                dt = _softplus(pre)
-            Bt = tl.load(B0 + t * sB_l, mask=mn, other=0.0).to(tl.float32)
-            Ct = tl.load(C0 + t * sC_l, mask=mn, other=0.0).to(tl.float32)
-            g_y = tl.load(g0 + t * sg_l, mask=md, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zt = tl.load(z0 + t * sz_l, mask=md, other=0.0).to(tl.float32)
-                sig = 1.0 / (1.0 + tl.exp(-zt))
-                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
-                g_z = g_y * y * sig * (1.0 + zt * (1.0 - sig))
-                tl.store(gz0 + t * sgz_l, g_z.to(gz_ptr.dtype.element_ty), mask=md)
-                g_y = g_y * zt * sig
-            gD_acc += g_y * u
-            g_h = g_y[:, None] * Ct[None, :] + g_next
-            g_next = tl.exp(dt[:, None] * A) * g_h
-            dtu = dt * u
-            g_dtA = g_h * (h - dtu[:, None] * Bt[None, :])
-            gA_acc += g_dtA * dt[:, None]
-            g_dtu = tl.sum(g_h * Bt[None, :], axis=1)
-            g_u = g_dtu * dt + g_y * Dv
-            g_pre = tl.sum(g_dtA * A, axis=1) + g_dtu * u
-            if SOFTPLUS:
-                g_pre = g_pre / (1.0 + tl.exp(-pre))
-            g_pre = tl.where(md, g_pre, 0.0)
-            gbias_acc += g_pre
-            tl.store(gu0 + t * sgu_l, g_u.to(gu_ptr.dtype.element_ty), mask=md)
-            tl.store(gdt0 + t * sgdt_l, g_pre.to(gdelta_ptr.dtype.element_ty), mask=md)
-            gB_t = tl.sum(g_h * dtu[:, None], axis=0)
-            gC_t = tl.sum(h * g_y[:, None], axis=0)
-            tl.atomic_add(gB0 + t * sgB_l, gB_t, mask=mn, sem="relaxed")
-            tl.atomic_add(gC0 + t * sgC_l, gC_t, mask=mn, sem="relaxed")
+        t = _token(s0, seqlen, REVERSE)
+        ru, rdt, rB = u0 + t * su_l, dt0 + t * sdt_l, B0 + t * sB_l
+        ru_n = tl.load(ru, mask=md, other=0.0)
+        rpre_n = tl.load(rdt, mask=md, other=0.0)
+        rB_n = tl.load(rB, mask=mn, other=0.0)
+        wdt = wsdt
+        for j in range(n_sub):
+            tl.store(ws0 + j * (BLOCK_D * BLOCK_N), h)
+            for s in range(s0 + j * SUB, tl.minimum(s0 + (j + 1) * SUB, s1)):
+                u, pre, Bt = ru_n.to(tl.float32), rpre_n.to(tl.float32) + bias, rB_n.to(tl.float32)
+                more = s + 1 < s1
+                ru, rdt, rB = ru + DIR * su_l, rdt + DIR * sdt_l, rB + DIR * sB_l
+                ru_n = tl.load(ru, mask=md & more, other=0.0)
+                rpre_n = tl.load(rdt, mask=md & more, other=0.0)
+                rB_n = tl.load(rB, mask=mn & more, other=0.0)
+                dt = _dt(pre, SOFTPLUS)
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                tl.store(wdt, dt)
+                wdt += BLOCK_D
+        for jj in range(n_sub):   # the pieces, last first
+            j = n_sub - 1 - jj
+            ss0 = s0 + j * SUB
+            ss1 = tl.minimum(ss0 + SUB, s1)
+            # 1. rerun the piece from its start state, keeping its states in the workspace
+            tl.debug_barrier()   # the previous piece's states are read before they are overwritten
+            h = tl.load(ws0 + j * (BLOCK_D * BLOCK_N))
+            t = _token(ss0, seqlen, REVERSE)
+            ru, rB = u0 + t * su_l, B0 + t * sB_l
+            ru_n = tl.load(ru, mask=md, other=0.0)
+            rB_n = tl.load(rB, mask=mn, other=0.0)
+            w, wdt = ws, wsdt + (ss0 - s0) * BLOCK_D
+            for s in range(ss0, ss1):
+                u, Bt = ru_n.to(tl.float32), rB_n.to(tl.float32)
+                more = s + 1 < ss1
+                ru, rB = ru + DIR * su_l, rB + DIR * sB_l
+                ru_n = tl.load(ru, mask=md & more, other=0.0)
+                rB_n = tl.load(rB, mask=mn & more, other=0.0)
+                dt = tl.load(wdt)
+                dA = tl.exp2(dt[:, None] * A2)
+                h = dA * h + (dt * u)[:, None] * Bt[None, :]
+                tl.store(w, h)
+                tl.store(w + SUB * BLOCK_D * BLOCK_N, dA)
+                w, wdt = w + BLOCK_D * BLOCK_N, wdt + BLOCK_D
+            tl.debug_barrier()   # the states are written before any thread reads them back
+            # 2. walk the piece's steps backwards: the adjoint recurrence and the local gradients (comment above)
+            for i in range(ss1 - ss0):
+                s = ss1 - 1 - i
+                g_y, u, pre, Bt, Ct, zt = (g_n.to(tl.float32), u_n.to(tl.float32), pre_n.to(tl.float32) + bias,
+                                           B_n.to(tl.float32), C_n.to(tl.float32), z_n.to(tl.float32))
+                sig_pre = _sigmoid(pre)   # softplus' (computed one channel per thread, before the sums)
+                more = s > 0
+                pg, pu, pdt, pz = pg - DIR * sg_l, pu - DIR * su_l, pdt - DIR * sdt_l, pz - DIR * sz_l
+                pB, pC = pB - DIR * sB_l, pC - DIR * sC_l
+                g_n = tl.load(pg, mask=md & more, other=0.0)
+                u_n = tl.load(pu, mask=md & more, other=0.0)
+                pre_n = tl.load(pdt, mask=md & more, other=0.0)
+                B_n = tl.load(pB, mask=mn & more, other=0.0)
+                C_n = tl.load(pC, mask=mn & more, other=0.0)
+                z_n = tl.load(pz, mask=md & more & HAS_Z, other=0.0)
+                w, wdt = w - BLOCK_D * BLOCK_N, wdt - BLOCK_D
+                h = tl.load(w)                                                       # h_t
+                dA = tl.load(w + SUB * BLOCK_D * BLOCK_N)
+                dt = tl.load(wdt)
+                if HAS_Z:
+                    sig = _sigmoid(zt)
+                    y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                    g_z = g_y * y * sig * (1.0 + zt * (1.0 - sig))
+                    tl.store(pgz, g_z.to(gz_ptr.dtype.element_ty), mask=md)
+                    g_y = g_y * zt * sig
+                gD_acc += g_y * u
+                g_h = g_y[:, None] * Ct[None, :] + g_next
+                g_next = dA * g_h
+                dtu = dt * u
+                g_dtA = g_h * (h - dtu[:, None] * Bt[None, :])
+                gA_acc += g_dtA * dt[:, None]
+                g_dtu = tl.sum(g_h * Bt[None, :], axis=1)
+                g_u = g_dtu * dt + g_y * Dv
+                g_pre = tl.sum(g_dtA * A2, axis=1) * LN2 + g_dtu * u
+                if SOFTPLUS:
+                    g_pre = g_pre * sig_pre
+                gbias_acc += g_pre
+                tl.store(pgu, g_u.to(gu_ptr.dtype.element_ty), mask=md)
+                tl.store(pgdt, g_pre.to(gdelta_ptr.dtype.element_ty), mask=md)
+                gB_t = tl.sum(g_h * dtu[:, None], axis=0)
+                gC_t = tl.sum(h * g_y[:, None], axis=0)
+                tl.atomic_add(pgB, gB_t, mask=mn, sem="relaxed")
+                tl.atomic_add(pgC, gC_t, mask=mn, sem="relaxed")
+                pgu, pgdt, pgz = pgu - DIR * sgu_l, pgdt - DIR * sgdt_l, pgz - DIR * sgz_l
+                pgB, pgC = pgB - DIR * sgB_l, pgC - DIR * sgC_l
+    A = A2 * LN2
     if A_IS_LOG:   # dA / dA_log = -exp(A_log) = A
         gA_acc = gA_acc * A
     tl.atomic_add(gA_ptr + rd[:, None] * dstate + rn[None, :], gA_acc, mask=mdn, sem="relaxed")
@@ -432,7 +537,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
             d, n, l, starts.shape[1], *_strides(u, delta, z, add, out, B, C),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
             SOFTPLUS=delta_softplus, REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, BLOCK_D=block_d,
-            BLOCK_N=block_n, num_warps=NUM_WARPS)
+            BLOCK_N=block_n, num_warps=SCAN_NUM_WARPS)
     return _tm(out, token_major), starts
 
 
@@ -462,14 +567,18 @@ def _scan_bwd(g_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torc
     if u.numel() > 0:
         block_d, block_n = _blocks(d, n)
         grid = (b, triton.cdiv(d, block_d))
-        ws = torch.empty(b * grid[1] * chunk * block_d * block_n, **f32)
+        sub = min(SUB_CHUNK, chunk)
+        tile = block_d * block_n
+        ws = torch.empty(b * grid[1] * 2 * sub * tile, **f32)                  # a piece's h and exp(dt A)
+        ws0 = torch.empty(b * grid[1] * triton.cdiv(chunk, sub) * tile, **f32)  # the pieces' start states
+        ws_dt = torch.empty(b * grid[1] * chunk * block_d, **f32)
         _scan_bwd_kernel[grid](
-            g_out, u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias)), starts, ws,
+            g_out, u, delta, A, B, C, *(x if x is not None else u for x in (D, z, delta_bias)), starts, ws, ws0, ws_dt,
             g_u, g_delta, g_z if z is not None else g_u, g_A, g_B, g_C, g_D, g_bias,
             d, n, l, starts.shape[1], *_strides(g_out, u, delta, z, g_u, g_delta, g_z, B, C, g_B, g_C),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
-            num_warps=NUM_WARPS)
+            REVERSE=reverse, A_IS_LOG=A_is_log, CHUNK=chunk, SUB=sub, BLOCK_D=block_d, BLOCK_N=block_n,
+            num_warps=SCAN_NUM_WARPS)
     cast = lambda g, x: g.to(x.dtype) if x is not None else None
     return _bwd_result(token_major, u, g_u, g_delta, g_A.to(A.dtype), g_B.to(B.dtype), g_C.to(C.dtype),
                        cast(g_D, D), g_z, cast(g_bias, delta_bias))
@@ -508,15 +617,19 @@ def _backward(ctx, g_out, _g_starts):
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(name, u, delta, A, B, C, D, z, delta_bias, add, chunk, token_major):
+def _check(name, u, delta, A, B, C, D, z, delta_bias, add, chunk, token_major, delta_proj=None):
     layout = "(b, l, d)" if token_major else "(b, d, l)"
     if u.ndim != 3 or A.ndim != 2:
         raise ValueError(f"{name}: u must be {layout} and A (d, n), got {tuple(u.shape)} and {tuple(A.shape)}")
+    if delta_proj is not None and (not isinstance(delta_proj, torch.Tensor) or delta_proj.ndim != 2):
+        raise ValueError(f"{name}: delta_proj must be a (d, dt_rank) tensor")
     b, l, d = _tm(u, token_major).shape
     n = A.shape[1]
     act, bc = ((b, l, d), (b, l, n)) if token_major else ((b, d, l), (b, n, l))
-    expected = {"u": (u, act), "delta": (delta, act), "A": (A, (d, n)), "B": (B, bc), "C": (C, bc),
-                "D": (D, (d,)), "z": (z, act), "delta_bias": (delta_bias, (d,)), "add": (add, act)}
+    low = (b, l, delta_proj.shape[1]) if delta_proj is not None else act
+    expected = {"u": (u, act), "delta": (delta, low), "A": (A, (d, n)), "B": (B, bc), "C": (C, bc),
+                "D": (D, (d,)), "z": (z, act), "delta_bias": (delta_bias, (d,)), "add": (add, act),
+                "delta_proj": (delta_proj, (d, low[-1]))}
     for what, (t, shape) in expected.items():
         if t is None:
             continue
@@ -546,16 +659,52 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
 
 def selective_scan_triton_tm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             reverse=False, add=None, A_is_log=False, chunk=CHUNK):
+                             reverse=False, add=None, A_is_log=False, chunk=CHUNK, delta_proj=None):
     """The selective scan on token-major tensors, any strides: u, delta, z, add: (b, l, d), B, C: (b, l, n),
     A: (d, n), D, delta_bias: (d,). reverse scans from the last token to the first (flip, scan, flip back);
     add, if given, is added to the result inside the kernel; A_is_log: A holds Mamba's A_log, and the kernels
-    use A = -exp(A_log) (its gradient is A_log's). Returns a new contiguous (b, l, d) tensor in u's dtype;
-    differentiable in every tensor argument."""
-    _check("selective_scan_triton_tm", u, delta, A, B, C, D, z, delta_bias, add, chunk, token_major=True)
-    out, _ = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                                   int(chunk), bool(reverse), add, True, bool(A_is_log))
+    use A = -exp(A_log) (its gradient is A_log's). delta_proj (d, dt_rank), if given: delta is the low-rank
+    (b, l, dt_rank) input of dt_proj, projected here (delta @ delta_proj^T in delta's dtype) and again in the
+    backward, so that autograd keeps the low-rank part instead of a (b, l, d) tensor.
+    Returns a new contiguous (b, l, d) tensor in u's dtype; differentiable in every tensor argument."""
+    _check("selective_scan_triton_tm", u, delta, A, B, C, D, z, delta_bias, add, chunk, True, delta_proj)
+    flags = (bool(delta_softplus), int(chunk), bool(reverse), True, bool(A_is_log))
+    if delta_proj is not None:
+        return _LowRankDeltaScan.apply(u, delta, delta_proj, A, B, C, D, z, delta_bias, add, *flags)
+    out, _ = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, *flags[:3], add,
+                                                   *flags[3:])
     return out
+
+
+class _LowRankDeltaScan(torch.autograd.Function):
+    """The scan of delta = delta_low @ delta_proj^T (dt_proj), token-major: the projection runs as an ordinary
+    matmul before the scan op and again in the backward, so that autograd keeps the low-rank (b, l, dt_rank)
+    input instead of the (b, l, d) delta. W is cast to delta_low's dtype, as autocast casts both, so the
+    recomputed delta equals the forward's with or without autocast."""
+
+    @staticmethod
+    def forward(ctx, u, delta_low, delta_proj, A, B, C, D, z, delta_bias, add, delta_softplus, chunk, reverse,
+                token_major, A_is_log):
+        delta = F.linear(delta_low, delta_proj.to(delta_low.dtype))                  # (b, l, d)
+        out, starts = torch.ops.dis_scan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                            chunk, reverse, add, token_major, A_is_log)
+        ctx.save_for_backward(u, delta_low, delta_proj, A, B, C, D, z, delta_bias, starts)
+        ctx.flags = (delta_softplus, chunk, reverse, token_major, A_is_log)
+        ctx.add_dtype = add.dtype if add is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        u, delta_low, delta_proj, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        W = delta_proj.to(delta_low.dtype)
+        delta = F.linear(delta_low, W)                                               # recomputed
+        g = torch.ops.dis_scan.selective_scan_bwd(g_out, u, delta, A, B, C, D, z, delta_bias, starts, *ctx.flags)
+        g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias = (gi if x is not None else None for gi, x in
+                                                          zip(g, (u, delta, A, B, C, D, z, delta_bias)))
+        g_low = g_delta @ W                                                          # (b, l, dt_rank)
+        g_proj = (g_delta.flatten(0, 1).t() @ delta_low.flatten(0, 1)).to(delta_proj.dtype)   # (d, dt_rank)
+        g_add = g_out.to(ctx.add_dtype) if ctx.add_dtype is not None else None
+        return g_u, g_low, g_proj, g_A, g_B, g_C, g_D, g_z, g_bias, g_add, None, None, None, None, None
 
 
 #################################################################################
@@ -737,6 +886,152 @@ def _conv_bwd_kernel(
     tl.store(gx_ptr + offs, g_x.to(gx_ptr.dtype.element_ty), mask=(rt < seqlen)[:, None] & mc[None, :])
 
 
+# Widths up to STREAM_MAX_W (DiS's d_conv is 4) take streamed kernels: a program owns one batch row and
+# BLOCK_C channels (one per thread) and walks the tokens once, keeping the last STREAM_MAX_W x rows (and in
+# the backward g_pre_f and g_pre_b values) in registers, so every x and g_out row is loaded once and every
+# g_pre computed once (the tiled backward above recomputes g_pre at W shifted tiles, each from W loads of x,
+# and reduces g_weight across threads on every tile; here g_weight and g_bias are per-channel sums in
+# registers, added once at the end). The tiled kernels serve wider convs.
+# With taps written by distance, wf_j = weight_f[:, W_F-1-j] (the weight of x_{t-j} in pre_f_t) and
+# wb_j = weight_b[:, W_B-1-j] (of x_{t+j} in pre_b_t), 0 for j >= W, step i (i = 0 .. l+2) takes token i in:
+#   pre_f_i     = bias_f + sum_j wf_j x_{i-j}         g_pre_f_i = g_f_i silu'(pre_f_i)
+#   pre_b_{i-3} = bias_b + sum_j wb_j x_{i-3+j}       g_pre_b_{i-3} = g_b_{i-3} silu'(pre_b_{i-3})
+#   g_x_{i-3}   = sum_j wf_j g_pre_f_{i-3+j} + sum_j wb_j g_pre_b_{i-3-j}
+#   g_wf_j += g_pre_f_i x_{i-j},   g_wb_j += g_pre_b_{i-3} x_{i-3+j}
+# (x, g_out and g_pre are 0 outside [0, l); the windows start as 0.)
+STREAM_MAX_W = 4
+
+
+@triton.jit
+def _tap_by_distance(w_ptr, w_col, sw_k, mc, W: tl.constexpr, J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The weight of the input J tokens away, weight[:, W-1-J] (float32, (BLOCK_C,)); 0 for J >= W."""
+    if J < W:
+        return tl.load(w_ptr + w_col + (W - 1 - J) * sw_k, mask=mc, other=0.0).to(tl.float32)
+    return tl.zeros((BLOCK_C,), tl.float32)
+
+
+@triton.jit
+def _g_pre(g, pre, ACT: tl.constexpr):
+    """g_out silu'(pre) (g_out itself without the activation)."""
+    if ACT:
+        sig = 1.0 / (1.0 + tl.exp2(-pre * LOG2E))
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _add_tap_grads(gw_ptr, rc, mc, W: tl.constexpr, g0, g1, g2, g3):
+    """Adds the per-distance sums g_j to g_weight[:, W-1-j] of a contiguous (d, W) float32 buffer."""
+    tl.atomic_add(gw_ptr + rc * W + (W - 1), g0, mask=mc, sem="relaxed")
+    if W > 1:
+        tl.atomic_add(gw_ptr + rc * W + (W - 2), g1, mask=mc, sem="relaxed")
+    if W > 2:
+        tl.atomic_add(gw_ptr + rc * W + (W - 3), g2, mask=mc, sem="relaxed")
+    if W > 3:
+        tl.atomic_add(gw_ptr + rc * W + (W - 4), g3, mask=mc, sem="relaxed")
+
+
+@triton.jit
+def _conv_fwd_stream_kernel(
+    x_ptr, sx_b, sx_l, sx_d, seqlen, dim,
+    uf_ptr, wf_ptr, swf_d, swf_k, bf_ptr, sbf_d,        # causal direction: out (contiguous), weight, bias
+    ub_ptr, wb_ptr, swb_d, swb_k, bb_ptr, sbb_d,        # reverse direction
+    CAUSAL: tl.constexpr, ANTI: tl.constexpr, W_F: tl.constexpr, W_B: tl.constexpr,
+    HAS_BF: tl.constexpr, HAS_BB: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # the forward of the streamed walk: step i stores u_f_i and u_b_{i-3}, each x row loaded once
+    pid_b = tl.program_id(0).to(tl.int64)
+    rc = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mc = rc < dim
+    wf0 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 0, BLOCK_C)
+    wf1 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 1, BLOCK_C)
+    wf2 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 2, BLOCK_C)
+    wf3 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 3, BLOCK_C)
+    wb0 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 0, BLOCK_C)
+    wb1 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 1, BLOCK_C)
+    wb2 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 2, BLOCK_C)
+    wb3 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 3, BLOCK_C)
+    bias_f = _conv_bias(bf_ptr, rc, sbf_d, mc, HAS_BF, BLOCK_C)
+    bias_b = _conv_bias(bb_ptr, rc, sbb_d, mc, HAS_BB, BLOCK_C)
+    px = x_ptr + pid_b * sx_b + rc * sx_d                        # token i
+    puf = uf_ptr + pid_b * seqlen * dim + rc                     # token i
+    pub = ub_ptr + pid_b * seqlen * dim + rc - 3 * dim           # token i - 3
+    zero = tl.zeros((BLOCK_C,), tl.float32)
+    x1, x2, x3 = zero, zero, zero            # x_{i-1}, x_{i-2}, x_{i-3}
+    for i in range(0, seqlen + 3):
+        x0 = tl.load(px, mask=mc & (i < seqlen), other=0.0).to(tl.float32)
+        if CAUSAL:
+            _conv_store(puf, 0, mc & (i < seqlen), bias_f + wf0 * x0 + wf1 * x1 + wf2 * x2 + wf3 * x3, ACT)
+        if ANTI:
+            _conv_store(pub, 0, mc & (i >= 3), bias_b + wb0 * x3 + wb1 * x2 + wb2 * x1 + wb3 * x0, ACT)
+        x1, x2, x3 = x0, x1, x2
+        px, puf, pub = px + sx_l, puf + dim, pub + dim
+
+
+@triton.jit
+def _conv_bwd_stream_kernel(
+    x_ptr, sx_b, sx_l, sx_d, seqlen, dim, gx_ptr,                                  # g_x: (b, l, d) contiguous
+    gf_ptr, sgf_b, sgf_l, sgf_d, wf_ptr, swf_d, swf_k, bf_ptr, sbf_d, gwf_ptr, gbf_ptr,   # causal direction
+    gb_ptr, sgb_b, sgb_l, sgb_d, wb_ptr, swb_d, swb_k, bb_ptr, sbb_d, gwb_ptr, gbb_ptr,   # reverse direction
+    CAUSAL: tl.constexpr, ANTI: tl.constexpr, W_F: tl.constexpr, W_B: tl.constexpr,
+    HAS_BF: tl.constexpr, HAS_BB: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    rc = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mc = rc < dim
+    wf0 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 0, BLOCK_C)
+    wf1 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 1, BLOCK_C)
+    wf2 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 2, BLOCK_C)
+    wf3 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 3, BLOCK_C)
+    wb0 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 0, BLOCK_C)
+    wb1 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 1, BLOCK_C)
+    wb2 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 2, BLOCK_C)
+    wb3 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 3, BLOCK_C)
+    bias_f = _conv_bias(bf_ptr, rc, sbf_d, mc, HAS_BF, BLOCK_C)
+    bias_b = _conv_bias(bb_ptr, rc, sbb_d, mc, HAS_BB, BLOCK_C)
+    px = x_ptr + pid_b * sx_b + rc * sx_d                        # token i
+    pgf = gf_ptr + pid_b * sgf_b + rc * sgf_d                    # token i
+    pgb = gb_ptr + pid_b * sgb_b + rc * sgb_d - 3 * sgb_l        # token i - 3
+    pgx = gx_ptr + pid_b * seqlen * dim + rc - 3 * dim           # token i - 3
+
+    zero = tl.zeros((BLOCK_C,), tl.float32)
+    x1, x2, x3 = zero, zero, zero            # x_{i-1}, x_{i-2}, x_{i-3}
+    gf1, gf2, gf3 = zero, zero, zero         # g_pre_f at i-1, i-2, i-3
+    gb1, gb2, gb3 = zero, zero, zero         # g_pre_b at i-4, i-5, i-6
+    gwf0, gwf1, gwf2, gwf3, gbias_f = zero, zero, zero, zero, zero
+    gwb0, gwb1, gwb2, gwb3, gbias_b = zero, zero, zero, zero, zero
+    for i in range(0, seqlen + 3):
+        x0 = tl.load(px, mask=mc & (i < seqlen), other=0.0).to(tl.float32)
+        g_x = zero
+        gpf = zero
+        gpb = zero
+        if CAUSAL:
+            pre_f = bias_f + wf0 * x0 + wf1 * x1 + wf2 * x2 + wf3 * x3
+            gpf = _g_pre(tl.load(pgf, mask=mc & (i < seqlen), other=0.0).to(tl.float32), pre_f, ACT)
+            g_x = wf0 * gf3 + wf1 * gf2 + wf2 * gf1 + wf3 * gpf
+            gwf0, gwf1, gwf2, gwf3 = gwf0 + gpf * x0, gwf1 + gpf * x1, gwf2 + gpf * x2, gwf3 + gpf * x3
+            gbias_f += gpf
+        if ANTI:
+            pre_b = bias_b + wb0 * x3 + wb1 * x2 + wb2 * x1 + wb3 * x0
+            gpb = _g_pre(tl.load(pgb, mask=mc & (i >= 3) & (i < seqlen + 3), other=0.0).to(tl.float32), pre_b, ACT)
+            g_x += wb0 * gpb + wb1 * gb1 + wb2 * gb2 + wb3 * gb3
+            gwb0, gwb1, gwb2, gwb3 = gwb0 + gpb * x3, gwb1 + gpb * x2, gwb2 + gpb * x1, gwb3 + gpb * x0
+            gbias_b += gpb
+        tl.store(pgx, g_x.to(gx_ptr.dtype.element_ty), mask=mc & (i >= 3))
+        x1, x2, x3 = x0, x1, x2
+        gf1, gf2, gf3 = gpf, gf1, gf2
+        gb1, gb2, gb3 = gpb, gb1, gb2
+        px, pgf, pgb, pgx = px + sx_l, pgf + sgf_l, pgb + sgb_l, pgx + dim
+    if CAUSAL:
+        _add_tap_grads(gwf_ptr, rc, mc, W_F, gwf0, gwf1, gwf2, gwf3)
+        if HAS_BF:
+            tl.atomic_add(gbf_ptr + rc, gbias_f, mask=mc, sem="relaxed")
+    if ANTI:
+        _add_tap_grads(gwb_ptr, rc, mc, W_B, gwb0, gwb1, gwb2, gwb3)
+        if HAS_BB:
+            tl.atomic_add(gbb_ptr + rc, gbias_b, mask=mc, sem="relaxed")
+
+
 #################################################################################
 #                       Conv launchers and custom ops                           #
 #################################################################################
@@ -766,7 +1061,17 @@ def _conv_fwd_impl(x, weight_f, bias_f, weight_b, bias_b, activation):
     in one launch; a direction whose weight is None is skipped, and its output is None."""
     b, l, d = x.shape
     u_f, u_b = (_new(x, x) if w is not None else None for w in (weight_f, weight_b))
-    if x.numel() > 0:
+    if x.numel() > 0 and max(_conv_width(weight_f), _conv_width(weight_b)) <= STREAM_MAX_W:
+        block_c = min(CONV_STREAM_BLOCK_C, triton.next_power_of_2(d))
+        _conv_fwd_stream_kernel[(b, triton.cdiv(d, block_c))](
+            x, *x.stride(), l, d,
+            *_conv_arg(u_f, 0, x), *_conv_arg(weight_f, 2, x), *_conv_arg(bias_f, 1, x),
+            *_conv_arg(u_b, 0, x), *_conv_arg(weight_b, 2, x), *_conv_arg(bias_b, 1, x),
+            CAUSAL=weight_f is not None, ANTI=weight_b is not None,
+            W_F=_conv_width(weight_f), W_B=_conv_width(weight_b),
+            HAS_BF=bias_f is not None, HAS_BB=bias_b is not None, ACT=activation,
+            BLOCK_C=block_c, num_warps=max(1, block_c // 32))
+    elif x.numel() > 0:
         grid, block_l, block_c = _conv_grid(b, l, d)
         _conv_fwd_kernel[grid](
             x, *x.stride(), l, d,
@@ -788,7 +1093,19 @@ def _conv_bwd_impl(g_u_f, g_u_b, x, weight_f, bias_f, weight_b, bias_b, activati
     g_x = _new(x, x)
     g_wf, g_bf, g_wb, g_bb = (torch.zeros(t.shape, dtype=torch.float32, device=x.device) if t is not None
                               else None for t in (weight_f, bias_f, weight_b, bias_b))
-    if x.numel() > 0:
+    if x.numel() > 0 and max(_conv_width(weight_f), _conv_width(weight_b)) <= STREAM_MAX_W:
+        block_c = min(CONV_STREAM_BLOCK_C, triton.next_power_of_2(d))
+        _conv_bwd_stream_kernel[(b, triton.cdiv(d, block_c))](
+            x, *x.stride(), l, d, g_x,
+            *_conv_arg(g_u_f, 3, x), *_conv_arg(weight_f, 2, x), *_conv_arg(bias_f, 1, x),
+            *_conv_arg(g_wf, 0, x), *_conv_arg(g_bf, 0, x),
+            *_conv_arg(g_u_b, 3, x), *_conv_arg(weight_b, 2, x), *_conv_arg(bias_b, 1, x),
+            *_conv_arg(g_wb, 0, x), *_conv_arg(g_bb, 0, x),
+            CAUSAL=g_u_f is not None, ANTI=g_u_b is not None,
+            W_F=_conv_width(weight_f), W_B=_conv_width(weight_b),
+            HAS_BF=bias_f is not None, HAS_BB=bias_b is not None, ACT=activation,
+            BLOCK_C=block_c, num_warps=max(1, block_c // 32))
+    elif x.numel() > 0:
         grid, block_l, block_c = _conv_grid(b, l, d, backward=True)
         _conv_bwd_kernel[grid](
             x, *x.stride(), l, d, g_x,
@@ -1214,7 +1531,8 @@ def bimamba_inner_fn(hidden, in_proj_weight, out_proj_weight, forward_params, ba
         dt_rank, n = dt_proj_weight.shape[1], A_log.shape[1]
         x_dbl = F.linear(u, x_proj_weight)                                            # (b, l, dt_rank + 2n)
         delta_low, B, C = x_dbl.split([dt_rank, n, n], dim=-1)   # views; one cat joins their gradients
-        delta = F.linear(delta_low, dt_proj_weight)                                   # (b, l, d_inner)
-        y = selective_scan_triton_tm(u, delta, A_log, B, C, D, z, dt_proj_bias, delta_softplus=True,
-                                     reverse=reverse, add=y, A_is_log=True)                # (b, l, d_inner)
+        # dt_proj runs with the scan, which recomputes the (b, l, d_inner) delta in its backward
+        y = selective_scan_triton_tm(u, delta_low, A_log, B, C, D, z, dt_proj_bias, delta_softplus=True,
+                                     reverse=reverse, add=y, A_is_log=True,
+                                     delta_proj=dt_proj_weight)                            # (b, l, d_inner)
     return F.linear(y, out_proj_weight)                                               # (b, l, d)

@@ -701,6 +701,50 @@ def test_triton_scan_tm_strided_matches_reference_fp32(st, b, d, n, l, chunk, gi
         _assert_close(grads[k], ref_grads[k], 1e-4, f"grad of {k}")
 
 
+# (l, chunk, piece): the backward reruns each chunk (one saved state each) in pieces of SUB_CHUNK steps. One
+# chunk of several pieces with a ragged last piece; chunk borders one step either side (l = 15, 17); a chunk
+# shorter than a piece (l = 7); a chunk that is no multiple of the piece (12 = 5 + 5 + 2)
+@pytest.mark.parametrize("l,chunk,piece", [(9, 8, 3), (15, 8, 4), (17, 8, 4), (7, 16, 4), (25, 12, 5)])
+def test_triton_scan_tm_backward_pieces(st, monkeypatch, l, chunk, piece):
+    """Every gradient equals the float64 reference across chunk and piece borders, both directions."""
+    monkeypatch.setattr(st, "SUB_CHUNK", piece)
+    x = _scan_inputs(1, 5, 3, l)
+    g_out = _tm_g_out(1, 5, l)
+    for reverse in (False, True):
+        out, grads = _tm_run(st, x, True, g_out, reverse=reverse, chunk=chunk)
+        ref, ref_grads = _tm_expected(x, True, g_out, reverse)
+        _assert_close(out, ref, 1e-4, f"out, reverse={reverse}")
+        for k in x:
+            _assert_close(grads[k], ref_grads[k], 1e-4, f"grad of {k}, reverse={reverse}")
+
+
+def test_triton_scan_tm_low_rank_delta(st):
+    """delta_proj: the op projects the low-rank delta itself (and again in its backward); output and
+    gradients equal those of the scan of the projected delta."""
+    b, d, n, l, r = 2, 8, 4, 11, 3
+    x = {k: v.transpose(1, 2) if k in TM_ACTIVATIONS else v for k, v in _scan_inputs(b, d, n, l).items()}
+    g = torch.Generator().manual_seed(2)
+    low = torch.randn(b, l, r, generator=g).to(TRITON_DEVICE)
+    proj = (torch.randn(d, r, generator=g) * 0.5).to(TRITON_DEVICE)
+    g_out = torch.randn(b, l, d, generator=g).to(TRITON_DEVICE)
+    kw = dict(delta_softplus=True, reverse=True, chunk=4)
+    rest = {k: v for k, v in x.items() if k != "delta"}
+
+    def run(project_outside):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in dict(rest, low=low, proj=proj).items()}
+        args = {k: v for k, v in leaves.items() if k not in ("low", "proj")}
+        if project_outside:
+            out = st.selective_scan_triton_tm(delta=F.linear(leaves["low"], leaves["proj"]), **args, **kw)
+        else:
+            out = st.selective_scan_triton_tm(delta=leaves["low"], delta_proj=leaves["proj"], **args, **kw)
+        return out, dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), g_out)))
+
+    (out, grads), (ref, ref_grads) = run(False), run(True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_scan_tm_direction(st, reverse):
     """A scan sees only the tokens before it (after it when reverse): change the first or the last token's u."""
