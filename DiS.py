@@ -1087,24 +1087,47 @@ def cpu_mixer(mixer, hidden):
     x_l = hidden.transpose(0, 1).contiguous()                                           # (l, b, d)
     xz = F.linear(x_l, mixer.in_proj.weight)                                            # (l, b, 2 d_inner)
     x, z = xz.chunk(2, dim=-1)                                                          # (l, b, d_inner) each
+    z = z.contiguous()                      # once for both scans, which would each copy the strided view
     y = sum(cpu_ssm(ssm, x, z, reverse) for ssm, reverse in ((mixer.forward_ssm, False), (mixer.backward_ssm, True)))
     return F.linear(y, mixer.out_proj.weight).transpose(0, 1)                           # (b, l, d)
+
+
+class _ShiftConv(torch.autograd.Function):
+    """The depthwise conv of cpu_ssm on token-major x (l, b, d_inner), as one shifted multiply-add per tap:
+    tap k reads the token s = d_conv-1-k before (causal) or, with reverse, after (anti-causal). Its backward
+    is the same shifts the other way, and one multiply-and-sum per tap for the weight."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, reverse):                                              # w: (d_inner, d_conv)
+        l, d_conv = x.shape[0], w.shape[1]
+        out = torch.addcmul(bias, x, w[:, -1])                                          # (l, b, d_inner)
+        for k, s in ((k, d_conv - 1 - k) for k in range(d_conv - 1) if d_conv - 1 - k < l):
+            reads, writes = (slice(s, None), slice(None, l - s)) if reverse else (slice(None, l - s), slice(s, None))
+            out[writes].addcmul_(x[reads], w[:, k])                                     # out_i += w_k x_(i -+ s)
+        ctx.save_for_backward(x, w)
+        ctx.reverse = reverse
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x, w = ctx.saved_tensors
+        l, d_conv = x.shape[0], w.shape[1]
+        g_x = g_out * w[:, -1]                                                          # (l, b, d_inner)
+        g_w = torch.zeros_like(w)                                                       # (d_inner, d_conv)
+        g_w[:, -1] = (g_out * x).sum((0, 1))
+        for k, s in ((k, d_conv - 1 - k) for k in range(d_conv - 1) if d_conv - 1 - k < l):
+            reads, writes = (slice(s, None), slice(None, l - s)) if ctx.reverse else (slice(None, l - s), slice(s, None))
+            g_x[reads].addcmul_(g_out[writes], w[:, k])
+            g_w[:, k] = (g_out[writes] * x[reads]).sum((0, 1))
+        return g_x, g_w, g_out.sum((0, 1)), None
 
 
 def cpu_ssm(ssm, x, z, reverse):
     """SSM.forward on token-major x, z (l, b, d_inner) -> (l, b, d_inner). The conv, token i:
     bias + sum_k w[k] x[i - (d_conv-1) + k] (causal), or with reverse bias + sum_k w[k] x[i + d_conv-1 - k],
     which is flip(conv(flip(x)))."""
-    w = ssm.conv1d.weight[:, 0].to(x.dtype)                                             # (d_inner, d_conv)
-    d_conv = w.shape[1]
-    pad = x.new_zeros(d_conv - 1, *x.shape[1:])                                         # (d_conv-1, b, d_inner)
-    x_pad = torch.cat([pad, x] if not reverse else [x, pad])                            # (l + d_conv-1, b, d_inner)
-    l = x.shape[0]
-    conv = ssm.conv1d.bias.to(x.dtype)                                                  # (d_inner,)
-    for k in range(d_conv):
-        start = k if not reverse else d_conv - 1 - k
-        conv = torch.addcmul(conv, x_pad[start:start + l], w[:, k])                     # (l, b, d_inner)
-    u = F.silu(conv)                                                                    # (l, b, d_inner)
+    w, bias = ssm.conv1d.weight[:, 0].to(x.dtype), ssm.conv1d.bias.to(x.dtype)          # (d_inner, d_conv), (d_inner,)
+    u = F.silu(_ShiftConv.apply(x, w, bias, reverse))                                   # (l, b, d_inner)
     x_dbl = F.linear(u, ssm.x_proj.weight)                                              # (l, b, dt_rank + 2n)
     delta_low, B, C = x_dbl.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
     delta = F.linear(delta_low, ssm.dt_proj.weight)                                     # (l, b, d_inner); bias in scan
