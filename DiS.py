@@ -691,6 +691,9 @@ class Diffusion:
 #   selective_scan_small  PyTorch, for small scans on CPUs (below SMALL_SCAN_MB; selective_scan_lean hands
 #                         them over): every state kept, each step over the whole sequence at once, in a
 #                         layout where every op runs along contiguous rows of d_inner numbers.
+#   cpu_block             PyTorch, "auto" on a CPU: Block.forward after the skip merge with a token-major mixer
+#                         (cpu_mixer): shifted-add convs and selective_scan_small in both directions, the
+#                         backward one walking the tokens last to first, with no flips and no transposing copies.
 #   mamba-ssm's kernel    selective_scan_fn, a fused CUDA kernel; "auto" takes it on CUDA when it is installed.
 #   scan_triton.py        Triton kernels (nothing to compile ahead of time): the scan alone ("triton"), and
 #                         fused_block ("fused"), the whole of Block.forward after the skip merge in a few
@@ -1088,7 +1091,7 @@ def cpu_mixer(mixer, hidden):
     xz = F.linear(x_l, mixer.in_proj.weight)                                            # (l, b, 2 d_inner)
     x, z = xz.chunk(2, dim=-1)                                                          # (l, b, d_inner) each
     z = z.contiguous()                      # once for both scans, which would each copy the strided view
-    y = sum(cpu_ssm(ssm, x, z, reverse) for ssm, reverse in ((mixer.forward_ssm, False), (mixer.backward_ssm, True)))
+    y = cpu_ssm(mixer.forward_ssm, x, z, False) + cpu_ssm(mixer.backward_ssm, x, z, True)  # (l, b, d_inner)
     return F.linear(y, mixer.out_proj.weight).transpose(0, 1)                           # (b, l, d)
 
 
@@ -1150,8 +1153,10 @@ _AUTO_VERDICT = {}            # (device type, index) -> (backend, reason)
 
 
 def fused_path_runs(x, backend=None):
-    """Whether the fused Triton path runs for tensors like x: backend (default SCAN_BACKEND) is "fused", or
-    "auto" on a CUDA device whose first-use check passed."""
+    """Whether Block.forward hands over to fused_block for tensors like x: backend (default SCAN_BACKEND) is
+    "fused" (the Triton path), or "auto" on a CUDA device whose first-use check passed (the same), or "auto"
+    on a CPU (cpu_block, plain PyTorch, which itself keeps the readable mixer for scans too big for the small
+    scan)."""
     backend = backend or SCAN_BACKEND
     if backend == "auto" and x.device.type == "cpu":
         return True
