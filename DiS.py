@@ -1153,13 +1153,15 @@ _AUTO_VERDICT = {}            # (device type, index) -> (backend, reason)
 
 
 def fused_path_runs(x, backend=None):
-    """Whether Block.forward hands over to fused_block for tensors like x: backend (default SCAN_BACKEND) is
-    "fused" (the Triton path), or "auto" on a CUDA device whose first-use check passed (the same), or "auto"
-    on a CPU (cpu_block, plain PyTorch, which itself keeps the readable mixer for scans too big for the small
-    scan)."""
+    """Whether the fused path runs for tensors like x: backend (default SCAN_BACKEND) is "fused" (the Triton
+    path), or "auto" on a CUDA device whose first-use check passed (the same). Block.forward asks without a
+    backend, and for it "auto" on a CPU answers True too: its fused_block is then cpu_block, plain PyTorch
+    (which keeps the readable mixer for scans too big for the small scan). selective_scan asks for one scan,
+    naming its backend: on a CPU that scan is never Triton's."""
+    asked_by_block = backend is None
     backend = backend or SCAN_BACKEND
     if backend == "auto" and x.device.type == "cpu":
-        return True
+        return asked_by_block
     if backend != "auto" or x.device.type != "cuda":
         return backend == "fused"
     if torch.compiler.is_compiling():

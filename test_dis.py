@@ -274,6 +274,7 @@ def test_cpu_block_is_chosen_by_backend_device_and_size(monkeypatch):
     for backend, taken in (("auto", True), ("lean", False), ("ref", False)):
         monkeypatch.setattr(DiS, "SCAN_BACKEND", backend)
         assert DiS.fused_path_runs(x) == taken
+        assert not DiS.fused_path_runs(x, backend)   # selective_scan's question: a scan alone is never Triton's
     monkeypatch.setattr(DiS, "SCAN_BACKEND", "auto")
     block = DiS.Block(192, 6, d_state=4, expand=1)
     with torch.no_grad():
