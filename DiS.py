@@ -1086,7 +1086,7 @@ def cpu_mixer(mixer, hidden):
     """BiMamba.forward for small CPU scans, token-major throughout: every tensor is (l, b, .), so that each
     token is one contiguous block (what selective_scan_small works in: no transposing copies around it).
     The convs are shifted multiply-adds, the backward direction's anti-causal, and its scan runs the tokens
-    last to first: no flips. Plain autograd, but for the scans."""
+    last to first: no flips. Plain autograd, but for the convs (_ShiftConv) and the scans."""
     x_l = hidden.transpose(0, 1).contiguous()                                           # (l, b, d)
     xz = F.linear(x_l, mixer.in_proj.weight)                                            # (l, b, 2 d_inner)
     x, z = xz.chunk(2, dim=-1)                                                          # (l, b, d_inner) each
