@@ -1866,6 +1866,7 @@ def test_flop_counter_matmul_part_matches_torch(monkeypatch):
         m = tiny_model(num_classes=num_classes)
         counted = bench.count_flops(m, batch=2)
         monkeypatch.setattr(DiS, "selective_scan", lambda u, *a, **k: u)   # leave the scan out
+        monkeypatch.setattr(DiS, "SCAN_BACKEND", "lean")   # the readable blocks (auto's cpu_block has no Conv1d)
         y = torch.zeros(2, dtype=torch.long) if num_classes else None
         with FlopCounterMode(display=False) as fc:
             m(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long), y)
