@@ -691,6 +691,9 @@ class Diffusion:
 #   selective_scan_small  PyTorch, for small scans on CPUs (below SMALL_SCAN_MB; selective_scan_lean hands
 #                         them over): every state kept, each step over the whole sequence at once, in a
 #                         layout where every op runs along contiguous rows of d_inner numbers.
+#   cpu_block             PyTorch, "auto" on a CPU: Block.forward after the skip merge with a token-major mixer
+#                         (cpu_mixer): shifted-add convs and selective_scan_small in both directions, the
+#                         backward one walking the tokens last to first, with no flips and no transposing copies.
 #   mamba-ssm's kernel    selective_scan_fn, a fused CUDA kernel; "auto" takes it on CUDA when it is installed.
 #   scan_triton.py        Triton kernels (nothing to compile ahead of time): the scan alone ("triton"), and
 #                         fused_block ("fused"), the whole of Block.forward after the skip merge in a few
@@ -890,10 +893,11 @@ class _SmallScan(torch.autograd.Function):
     channel: every broadcast and every contraction over n then runs along contiguous rows of d_inner numbers
     (in a (..., d_inner, n) layout they stride over n, which a CPU vectorizes badly). The output and the
     gradients are (b, ., l) views of token-major memory, which the model's projections read without a
-    transposing copy."""
+    transposing copy. reverse: the recurrence walks the tokens last to first (h_i = a_i h_{i+1} + drive_i),
+    which is the scan of the flipped sequence, flipped back, without the flips."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
         with _no_autocast(u):
             dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
             A_t = A.to(dtype).t().contiguous()                                          # (n, d_inner)
@@ -906,8 +910,8 @@ class _SmallScan(torch.autograd.Function):
             dtu = dt * u_l                                                              # (l, b, d_inner)
             decay = torch.mul(dt[:, :, None], A_t).exp_()                               # (l, b, n, d_inner)
             hs = torch.mul(dtu[:, :, None], B_l[..., None])                             # the drives, then the states
-            for i in range(1, hs.shape[0]):
-                hs[i].addcmul_(decay[i], hs[i - 1])                                     # h_i = a_i h_{i-1} + drive_i
+            for i in _SmallScan.walk(hs.shape[0], reverse):
+                hs[i].addcmul_(decay[i], hs[i + (1 if reverse else -1)])                # h_i = a_i h_prev + drive_i
             y = torch.matmul(C_l[:, :, None], hs)[:, :, 0]                              # <h_i, C_i>, (l, b, d_inner)
             if D is not None:
                 y = torch.addcmul(y, u_l, D.to(dtype))                                  # (l, b, d_inner)
@@ -921,11 +925,17 @@ class _SmallScan(torch.autograd.Function):
         gate = (y, sig, silu) if z is not None else ()
         ctx.save_for_backward(D, A_t, pre, dt, u_l, dtu, B_l, C_l, decay, hs, *gate)
         ctx.dtypes = [x.dtype if x is not None else None for x in (u, delta, A, B, C, z, delta_bias)]
-        ctx.delta_softplus = delta_softplus
+        ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
         return _batch_major(out.to(u.dtype))                                            # (b, d_inner, l)
 
+    @staticmethod
+    def walk(l, reverse):
+        """The tokens that follow another in the scan's order: 1 .. l-1, or l-2 .. 0 when reverse."""
+        return range(l - 2, -1, -1) if reverse else range(1, l)
+
     # The backward of _LeanScan's derivation, for the whole sequence at once; G holds g_h, and
-    # g_(dt A)_i = g_h_i a_i h_{i-1} uses the kept states directly (it is 0 for the first token).
+    # g_(dt A)_i = g_h_i a_i h_{i-1} uses the kept states directly (it is 0 for the first token). With reverse,
+    # "previous" is i + 1 and "next" i - 1: the adjoint walks the tokens first to last.
     @staticmethod
     def backward(ctx, g_out):
         D, A_t, pre, dt, u_l, dtu, B_l, C_l, decay, hs, *gate = ctx.saved_tensors
@@ -939,15 +949,17 @@ class _SmallScan(torch.autograd.Function):
                 g_y = g_y * silu                                                        # g_out silu(z)
             g_D = (g_y * u_l).sum((0, 1)).to(D.dtype) if D is not None else None
             G = torch.mul(g_y[:, :, None], C_l[..., None])                              # (l, b, n, d_inner)
-            for i in reversed(range(G.shape[0] - 1)):
-                G[i].addcmul_(decay[i + 1], G[i + 1])                                   # g_h_i += a_{i+1} g_h_{i+1}
+            step = -1 if ctx.reverse else 1   # from a token to the next in the scan's order
+            for i in _SmallScan.walk(G.shape[0], not ctx.reverse):   # the scan's order, backwards
+                G[i].addcmul_(decay[i + step], G[i + step])                             # g_h_i += a_next g_h_next
             g_C = torch.matmul(hs, g_y[..., None])[..., 0]                              # sum_d_inner g_y h, (l, b, n)
             g_B = torch.matmul(G, dtu[..., None])[..., 0]                               # (l, b, n)
             g_dtu = torch.matmul(B_l[:, :, None], G)[:, :, 0]                           # <g_h_i, B_i>, (l, b, d_inner)
-            g_dtA = G[1:].mul_(decay[1:]).mul_(hs[:-1])                                 # (l - 1, b, n, d_inner)
-            g_A = (g_dtA * dt[1:, :, None]).sum((0, 1)).t()                             # (d_inner, n)
+            after, before = (slice(None, -1), slice(1, None)) if ctx.reverse else (slice(1, None), slice(None, -1))
+            g_dtA = G[after].mul_(decay[after]).mul_(hs[before])                        # (l - 1, b, n, d_inner)
+            g_A = (g_dtA * dt[after, :, None]).sum((0, 1)).t()                          # (d_inner, n)
             g_dt = g_dtu * u_l                                                          # (l, b, d_inner)
-            g_dt[1:] += g_dtA.mul_(A_t).sum(2)                                          # <g_(dt A)_i, A>
+            g_dt[after] += g_dtA.mul_(A_t).sum(2)                                       # <g_(dt A)_i, A>
             g_u = g_dtu.mul_(dt)                                                        # (l, b, d_inner)
             if D is not None:
                 g_u.addcmul_(g_y, D.to(dt.dtype))
@@ -956,7 +968,7 @@ class _SmallScan(torch.autograd.Function):
             g_bias = g_dt.sum((0, 1)).to(bias_dtype) if bias_dtype is not None else None
         return (_batch_major(g_u.to(u_dtype)), _batch_major(g_dt.to(delta_dtype)), g_A.to(A_dtype),
                 _batch_major(g_B.to(B_dtype)), _batch_major(g_C.to(C_dtype)), g_D,
-                _batch_major(g_z.to(z_dtype)) if g_z is not None else None, g_bias, None)
+                _batch_major(g_z.to(z_dtype)) if g_z is not None else None, g_bias, None, None)
 
 
 @torch.compiler.disable  # torch.compile would unroll the token loop: compile the rest, run this scan eagerly
@@ -980,11 +992,12 @@ def selective_scan_lean(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
 
 
 @torch.compiler.disable  # as selective_scan_lean: the token loop runs eagerly
-def selective_scan_small(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan_small(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
     """The whole-sequence scan (_SmallScan): same arguments and result as selective_scan_ref. Keeps two
     float32 tensors of (l, b, n, d_inner) for the backward: selective_scan_lean takes it on CPUs while they
-    fit in SMALL_SCAN_MB (small_scan_suits)."""
-    return _SmallScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    fit in SMALL_SCAN_MB (small_scan_suits). reverse: the scan of the flipped sequence, flipped back (the
+    backward direction of the CPU block), without flipping anything."""
+    return _SmallScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
 def small_scan_suits(u, A):
@@ -1034,8 +1047,11 @@ def mixer_weights(mixer):
 
 
 def fused_block(block, hidden, residual):
-    """Block.forward after its skip merge, as the fused kernels of scan_triton.py (SCAN_BACKEND "fused"):
-    the same math and parameters, and the same (mixer output, residual stream) result."""
+    """Block.forward after its skip merge, as the fused kernels of scan_triton.py (SCAN_BACKEND "fused"), or
+    on a CPU under "auto" as cpu_block: the same math and parameters, and the same (mixer output, residual
+    stream) result."""
+    if hidden.device.type == "cpu" and SCAN_BACKEND == "auto":
+        return cpu_block(block, hidden, residual)
     st = triton_module("fused")
     if not torch.compiler.is_compiling() and not st.triton_scan_usable(hidden):
         raise RuntimeError(f"scan backend 'fused' cannot run on {hidden.dtype} tensors on {hidden.device.type}: its "
@@ -1050,6 +1066,81 @@ def fused_block(block, hidden, residual):
     return st.bimamba_inner_fn(normed, *mixer_weights(block.mixer)), residual                  # (b, l, d)
 
 
+def cpu_block(block, hidden, residual):
+    """Block.forward after its skip merge on a CPU ("auto"): the add and RMSNorm as Block.forward writes them
+    (drop-path through drop_path itself, so the random draws are the same), then, when the mixer's scans are
+    small (small_scan_suits), cpu_mixer, else the readable mixer."""
+    if residual is None:
+        residual = hidden.float()                                                       # (b, l, d)
+    else:
+        residual = residual + drop_path(hidden, block.drop_prob, block.training).float()
+    normed = block.norm(residual.to(block.norm.weight.dtype))                           # (b, l, d)
+    mixer, (b, l, _) = block.mixer, normed.shape
+    u = normed.new_empty(()).expand(b, mixer.out_proj.in_features, l)                  # the scans' u: (b, d_inner, l)
+    if small_scan_suits(u, mixer.forward_ssm.A_log):
+        return cpu_mixer(mixer, normed), residual
+    return mixer(normed), residual
+
+
+def cpu_mixer(mixer, hidden):
+    """BiMamba.forward for small CPU scans, token-major throughout: every tensor is (l, b, .), so that each
+    token is one contiguous block (what selective_scan_small works in: no transposing copies around it).
+    The convs are shifted multiply-adds, the backward direction's anti-causal, and its scan runs the tokens
+    last to first: no flips. Plain autograd, but for the convs (_ShiftConv) and the scans."""
+    x_l = hidden.transpose(0, 1).contiguous()                                           # (l, b, d)
+    xz = F.linear(x_l, mixer.in_proj.weight)                                            # (l, b, 2 d_inner)
+    x, z = xz.chunk(2, dim=-1)                                                          # (l, b, d_inner) each
+    z = z.contiguous()                      # once for both scans, which would each copy the strided view
+    y = cpu_ssm(mixer.forward_ssm, x, z, False) + cpu_ssm(mixer.backward_ssm, x, z, True)  # (l, b, d_inner)
+    return F.linear(y, mixer.out_proj.weight).transpose(0, 1)                           # (b, l, d)
+
+
+class _ShiftConv(torch.autograd.Function):
+    """The depthwise conv of cpu_ssm on token-major x (l, b, d_inner), as one shifted multiply-add per tap:
+    tap k reads the token s = d_conv-1-k before (causal) or, with reverse, after (anti-causal). Its backward
+    is the same shifts the other way, and one multiply-and-sum per tap for the weight."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, reverse):                                              # w: (d_inner, d_conv)
+        l, d_conv = x.shape[0], w.shape[1]
+        out = torch.addcmul(bias, x, w[:, -1])                                          # (l, b, d_inner)
+        for k, s in ((k, d_conv - 1 - k) for k in range(d_conv - 1) if d_conv - 1 - k < l):
+            reads, writes = (slice(s, None), slice(None, l - s)) if reverse else (slice(None, l - s), slice(s, None))
+            out[writes].addcmul_(x[reads], w[:, k])                                     # out_i += w_k x_(i -+ s)
+        ctx.save_for_backward(x, w)
+        ctx.reverse = reverse
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x, w = ctx.saved_tensors
+        l, d_conv = x.shape[0], w.shape[1]
+        g_x = g_out * w[:, -1]                                                          # (l, b, d_inner)
+        g_w = torch.zeros_like(w)                                                       # (d_inner, d_conv)
+        g_w[:, -1] = (g_out * x).sum((0, 1))
+        for k, s in ((k, d_conv - 1 - k) for k in range(d_conv - 1) if d_conv - 1 - k < l):
+            reads, writes = (slice(s, None), slice(None, l - s)) if ctx.reverse else (slice(None, l - s), slice(s, None))
+            g_x[reads].addcmul_(g_out[writes], w[:, k])
+            g_w[:, k] = (g_out[writes] * x[reads]).sum((0, 1))
+        return g_x, g_w, g_out.sum((0, 1)), None
+
+
+def cpu_ssm(ssm, x, z, reverse):
+    """SSM.forward on token-major x, z (l, b, d_inner) -> (l, b, d_inner). The conv, token i:
+    bias + sum_k w[k] x[i - (d_conv-1) + k] (causal), or with reverse bias + sum_k w[k] x[i + d_conv-1 - k],
+    which is flip(conv(flip(x)))."""
+    w, bias = ssm.conv1d.weight[:, 0].to(x.dtype), ssm.conv1d.bias.to(x.dtype)          # (d_inner, d_conv), (d_inner,)
+    u = F.silu(_ShiftConv.apply(x, w, bias, reverse))                                   # (l, b, d_inner)
+    x_dbl = F.linear(u, ssm.x_proj.weight)                                              # (l, b, dt_rank + 2n)
+    delta_low, B, C = x_dbl.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
+    delta = F.linear(delta_low, ssm.dt_proj.weight)                                     # (l, b, d_inner); bias in scan
+    A = -torch.exp(ssm.A_log.float())                                                   # (d_inner, n)
+    batch_major = lambda t: t.permute(1, 2, 0)                                          # (l, b, .) -> (b, ., l) view
+    y = selective_scan_small(batch_major(u), batch_major(delta), A, batch_major(B), batch_major(C), ssm.D.float(),
+                             batch_major(z), ssm.dt_proj.bias.float(), True, reverse)  # (b, d_inner, l)
+    return y.permute(2, 0, 1)                                                           # (l, b, d_inner)
+
+
 # What "auto" runs on CUDA. The fused path is the fastest one we have, but its kernels are compiled on the
 # user's GPU by the user's Triton: before it runs there, one small block runs fused and lean, forward and
 # backward under bf16 autocast, and must agree. Any failure keeps the PyTorch path, with one warning.
@@ -1062,9 +1153,15 @@ _AUTO_VERDICT = {}            # (device type, index) -> (backend, reason)
 
 
 def fused_path_runs(x, backend=None):
-    """Whether the fused Triton path runs for tensors like x: backend (default SCAN_BACKEND) is "fused", or
-    "auto" on a CUDA device whose first-use check passed."""
+    """Whether the fused path runs for tensors like x: backend (default SCAN_BACKEND) is "fused" (the Triton
+    path), or "auto" on a CUDA device whose first-use check passed (the same). Block.forward asks without a
+    backend, and for it "auto" on a CPU answers True too: its fused_block is then cpu_block, plain PyTorch
+    (which keeps the readable mixer for scans too big for the small scan). selective_scan asks for one scan,
+    naming its backend: on a CPU that scan is never Triton's."""
+    asked_by_block = backend is None
     backend = backend or SCAN_BACKEND
+    if backend == "auto" and x.device.type == "cpu":
+        return asked_by_block
     if backend != "auto" or x.device.type != "cuda":
         return backend == "fused"
     if torch.compiler.is_compiling():

@@ -52,9 +52,10 @@ PRESETS = {
     # (DiT-T/8, adaLN-Zero, width 128, depth 6, 2 heads, patch 8), in alternating rounds
     "quickstart": dict(scans=[(64, 192, 18, 4)], scan_dtypes=["float32"],
                        scan_names=["lean", "small", "lean keep_states=False", "lean keep_states=True", "ref"],
-                       models=[("DiS-Q/8", 32, 1, 10, 64, ["lean", "chunked", "ref"])],
-                       samples=[("DiS-Q/8", 32, 1, 10, 64, "lean")],
-                       race=(32, 1, 10, 64, [("DiS-Q/8", "lean"), ("DiS-Q/8", "chunked"), ("DiT-T/8", "eager")]),
+                       models=[("DiS-Q/8", 32, 1, 10, 64, ["auto", "lean", "chunked", "ref"])],
+                       samples=[("DiS-Q/8", 32, 1, 10, 64, "auto")],
+                       race=(32, 1, 10, 64, [("DiS-Q/8", "auto"), ("DiS-Q/8", "lean"), ("DiS-Q/8", "chunked"),
+                                            ("DiT-T/8", "eager")]),
                        race_rounds=15, tables="scan,model,sample,race"),
     "target": dict(scans=[(8, 736, 258, 16), (8, 736, 1026, 16)], scan_dtypes=["float32"],
                    models=[("DiS-T/4", 32, 1, 0, 64, ["lean", "ref", "lean+ckpt", "lean+compile", "stand-in",
@@ -281,7 +282,7 @@ DIT_CONFIGS = {"DiT-T/4": dict(d=128, depth=6, heads=2, patch=4),
                "DiT-S/2": dict(d=384, depth=12, heads=6, patch=2),
                "DiT-XL/2": dict(d=1152, depth=28, heads=16, patch=2)}
 
-SCAN_BACKEND_OF = {"lean": "lean", "chunked": "lean", "ref": "ref", "triton": "triton", "fused": "fused",
+SCAN_BACKEND_OF = {"auto": "auto", "lean": "lean", "chunked": "lean", "ref": "ref", "triton": "triton", "fused": "fused",
                    "mamba-ssm": "mamba_ssm"}
 SMALL_SCAN_MB = DiS.SMALL_SCAN_MB
 
@@ -782,8 +783,9 @@ def main():
                 print(rows[-1], flush=True)
         out.append(table(f"Training step ({mixed})", ["model", "input", "classes", "batch", "variant", "params M",
                                                       "img/s", "step ms", "peak MB", "first step s"], rows,
-                         note="variant: the scan (lean, chunked, ref, triton, mamba-ssm, stand-in) or, for DiT, eager; "
-                              "chunked: lean without its whole-sequence path for small scans (DiS.SMALL_SCAN_MB = 0); "
+                         note="variant: the scan (auto, lean, chunked, ref, triton, mamba-ssm, stand-in) or, for DiT, eager; "
+                              "auto: the default (on a CPU, DiS.cpu_block); chunked: lean without its whole-sequence "
+                              "path for small scans (DiS.SMALL_SCAN_MB = 0); "
                               "+compile: torch.compile; +ckpt: gradient checkpointing of every block."))
     if "sample" in wanted:
         rows = []
@@ -827,8 +829,10 @@ def main():
                          f"{batch}: {rounds} alternating rounds in one process",
                          ["model", "variant", "params M", "step ms", "img/s", f"speed / {last}'s"], rows,
                          note=f"step ms: the median over rounds; speed / {last}'s: the median over rounds of "
-                              f"{last}'s step time over the row's. chunked: the lean scan without its "
-                              f"whole-sequence path for small scans (DiS.SMALL_SCAN_MB = 0)."))
+                              f"{last}'s step time over the row's. auto: the default, which on a CPU runs "
+                              f"each block as DiS.cpu_block (token-major, no flips); lean: the readable blocks "
+                              f"with the lean scan; chunked: lean without its whole-sequence path for small "
+                              f"scans (DiS.SMALL_SCAN_MB = 0)."))
     if "size" in wanted:
         rows = []
         for name in DiS.DiS_models:

@@ -201,6 +201,96 @@ def test_small_scan_backward_twice_and_without_grad():
         torch.testing.assert_close(DiS.selective_scan_small(*args, **kw), out.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("l", [1, 2, 17, 18, 19])
+def test_reverse_small_scan_is_the_flipped_reference(l):
+    """selective_scan_small(reverse=True), the CPU block's backward direction, equals flip(ref(flip(.))) in
+    float64, output and every gradient, with and without D, z, delta_bias and softplus."""
+    flip = lambda t: t.flip(-1) if t is not None else None
+    for D, z, bias, softplus in itertools.product([True, False], repeat=4):
+        x = scan_inputs(2, 3, l, 4, seed=l)
+        if not softplus:
+            x["delta"] = x["delta"].detach().abs().requires_grad_()
+        for name, keep in (("D", D), ("z", z), ("delta_bias", bias)):
+            x[name] = x[name] if keep else None
+        out = DiS.selective_scan_small(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                                       softplus, reverse=True)
+        expected = flip(DiS.selective_scan_ref(flip(x["u"]), flip(x["delta"]), x["A"], flip(x["B"]), flip(x["C"]),
+                                               x["D"], flip(x["z"]), x["delta_bias"], softplus))
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        leaves = [v for v in x.values() if v is not None]
+        g = torch.randn(out.shape, dtype=out.dtype)
+        for a, b_ in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(expected, leaves, g)):
+            torch.testing.assert_close(a, b_, rtol=1e-9, atol=1e-10)
+
+
+def block_results(monkeypatch, backend, block, hidden, residual, skip=None, seed=3):
+    """Block's (mixer output, residual stream) and the gradients of hidden, residual, skip and every parameter
+    under backend, for fixed output gradients (drawn with torch.randn: randn_like would copy the output's strides)."""
+    monkeypatch.setattr(DiS, "SCAN_BACKEND", backend)
+    inputs = [t.clone().requires_grad_() for t in (hidden, residual, skip) if t is not None]
+    given = iter(inputs)
+    hidden, residual, skip = (next(given) if t is not None else None for t in (hidden, residual, skip))
+    torch.manual_seed(seed)   # drop-path's draws
+    out, stream = block(hidden, residual, skip)
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (out, stream)]
+    return [out, stream, *torch.autograd.grad([out, stream], inputs + list(block.parameters()), grads)]
+
+
+@pytest.mark.parametrize("l", [1, 2, 17, 18, 19])
+@pytest.mark.parametrize("kind", ["first", "middle", "takes_skip"])
+def test_cpu_block_equals_the_readable_block(monkeypatch, l, kind):
+    """"auto" on a CPU runs Block.forward's rest as cpu_block (token-major, shifted-add convs, the reverse
+    small scan): in float64 its mixer output, residual stream and every gradient (hidden, residual, skip,
+    every parameter) equal the readable block's with the lean and the ref scans, drop-path on (same draws)
+    and off; the first block (no residual), a middle one and an out-block that merges a long skip."""
+    torch.manual_seed(l)
+    calls, cpu_mixer = [], DiS.cpu_mixer
+    monkeypatch.setattr(DiS, "cpu_mixer", lambda *a: calls.append(1) or cpu_mixer(*a))
+    for drop_prob in (0.0, 0.5):
+        block = DiS.Block(16, 4, drop_prob=drop_prob, takes_skip=kind == "takes_skip", d_state=4, expand=2)
+        block = block.double().train()
+        with torch.no_grad():   # a non-zero skip merge and norm weight, so that every gradient is exercised
+            for p in block.parameters():
+                p.add_(0.1 * torch.randn_like(p)) if p.ndim == 1 else None
+        hidden, residual, skip = (torch.randn(3, l, 16, dtype=torch.float64) for _ in range(3))
+        args = (block, hidden, None if kind == "first" else residual, skip if kind == "takes_skip" else None)
+        calls.clear()
+        new = block_results(monkeypatch, "auto", *args)
+        assert calls == [1]
+        for backend in ("lean", "ref"):
+            for a, b_ in zip(new, block_results(monkeypatch, backend, *args)):
+                torch.testing.assert_close(a, b_, rtol=1e-9, atol=1e-11)
+            assert calls == [1]   # forced backends keep the readable path
+
+
+def test_cpu_block_is_chosen_by_backend_device_and_size(monkeypatch):
+    """The hook to section 5 takes "auto" on a CPU to cpu_block, which runs cpu_mixer while the mixer's scans
+    suit the small scan (small_scan_suits: the DiS-Q/8 quickstart's block does) and the readable mixer above
+    that; forced "lean" and "ref" keep the readable block; on CUDA "auto" is unchanged (its own tests)."""
+    calls, cpu_mixer = [], DiS.cpu_mixer
+    monkeypatch.setattr(DiS, "cpu_mixer", lambda *a: calls.append(a[1].shape) or cpu_mixer(*a))
+    x = torch.zeros(64, 18, 192)
+    for backend, taken in (("auto", True), ("lean", False), ("ref", False)):
+        monkeypatch.setattr(DiS, "SCAN_BACKEND", backend)
+        assert DiS.fused_path_runs(x) == taken
+        assert not DiS.fused_path_runs(x, backend)   # selective_scan's question: a scan alone is never Triton's
+    monkeypatch.setattr(DiS, "SCAN_BACKEND", "auto")
+    block = DiS.Block(192, 6, d_state=4, expand=1)
+    with torch.no_grad():
+        block(x, x)
+    assert calls == [(64, 18, 192)]
+    b, d_inner, l, n = 64, 192, 18, 4
+    monkeypatch.setattr(DiS, "SMALL_SCAN_MB", 2 * 4 * b * d_inner * l * n / 2 ** 20 - 0.01)   # just too small
+    with torch.no_grad():
+        out, _ = block(x, x)
+    assert len(calls) == 1 and out.is_contiguous()   # the readable mixer's output
+    monkeypatch.setattr(DiS, "SMALL_SCAN_MB", 2 * 4 * b * d_inner * l * n / 2 ** 20)            # just fits
+    with torch.no_grad():
+        block(x, x)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_variants_equal_default_and_keep_dtype(dtype):
     x = scan_inputs(2, 16, 37, 8, dtype=dtype)
@@ -343,11 +433,15 @@ def test_auto_keeps_the_pytorch_path_with_one_warning_when_the_check_fails(monke
 
 
 def test_auto_off_cuda_is_the_lean_scan_without_a_check(monkeypatch, auto_fresh):
+    """Off CUDA, "auto" runs no check and no Triton: the PyTorch scans, and on a CPU the blocks' hook goes to
+    cpu_block (plain PyTorch; test_cpu_block_*)."""
     import warnings
     monkeypatch.setattr(DiS, "fused_first_use_check", lambda device: auto_fresh.append(device))
+    monkeypatch.setattr(DiS, "triton_module", lambda backend: pytest.fail("Triton was imported"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not DiS.fused_path_runs(torch.zeros(2, 3))
+        assert DiS.fused_path_runs(torch.zeros(2, 3))   # cpu_block
+        DiS.Block(8, 1)(torch.randn(2, 3, 8), None)
         assert DiS.resolve_auto("cpu") == ("lean", "the PyTorch scan on cpu")
     assert auto_fresh == []
     from dis_cli import set_scan_backend
@@ -1815,6 +1909,7 @@ def test_flop_counter_matmul_part_matches_torch(monkeypatch):
         m = tiny_model(num_classes=num_classes)
         counted = bench.count_flops(m, batch=2)
         monkeypatch.setattr(DiS, "selective_scan", lambda u, *a, **k: u)   # leave the scan out
+        monkeypatch.setattr(DiS, "SCAN_BACKEND", "lean")   # the readable blocks (auto's cpu_block has no Conv1d)
         y = torch.zeros(2, dtype=torch.long) if num_classes else None
         with FlopCounterMode(display=False) as fc:
             m(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long), y)
