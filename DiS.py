@@ -85,7 +85,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # The one switch of every fast path: which implementation runs the model's scans (and, for "fused", its blocks).
 #   "auto"       the default. On CUDA: "fused" once a first-use check on that device has passed (one small
 #                block, fused against lean; section 5), else mamba-ssm's kernel where it can run, else "lean".
-#                Elsewhere: "lean"
+#                Elsewhere: "lean", but on a CPU the blocks of small scans run token-major in PyTorch (section 5)
 #   "ref"        selective_scan_ref above, exactly as written (slow; keeps every (b, d_inner, l, n) tensor)
 #   "lean"       the lean PyTorch scan of section 5: the same math, a fraction of the memory
 #   "mamba_ssm"  mamba-ssm's kernel; an error where it cannot run
@@ -1177,7 +1177,7 @@ def resolve_auto(device):
     taken."""
     device = torch.device(device)
     if device.type != "cuda":
-        return "lean", f"the PyTorch scan on {device.type}"
+        return "lean", f"PyTorch on {device.type}, small blocks token-major"
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (device.type, device.index)

@@ -442,10 +442,10 @@ def test_auto_off_cuda_is_the_lean_scan_without_a_check(monkeypatch, auto_fresh)
         warnings.simplefilter("error")
         assert DiS.fused_path_runs(torch.zeros(2, 3))   # cpu_block
         DiS.Block(8, 1)(torch.randn(2, 3, 8), None)
-        assert DiS.resolve_auto("cpu") == ("lean", "the PyTorch scan on cpu")
+        assert DiS.resolve_auto("cpu") == ("lean", "PyTorch on cpu, small blocks token-major")
     assert auto_fresh == []
     from dis_cli import set_scan_backend
-    assert set_scan_backend("auto", torch.device("cpu")) == "scan backend: lean (auto: the PyTorch scan on cpu)"
+    assert set_scan_backend("auto", torch.device("cpu")) == "scan backend: lean (auto: PyTorch on cpu, small blocks token-major)"
     assert set_scan_backend("ref", torch.device("cpu")) == "scan backend: ref (--scan-backend ref)"
 
 
@@ -2278,7 +2278,7 @@ def test_train_on_fashion_mnist_writes_checkpoints_and_grids(fmnist_run):
         assert im.size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)           # a 4x4 grid with 2px padding
     assert len(logged_losses(fmnist_run)) == 4
     with open(os.path.join(fmnist_run, "log.txt")) as f:   # which scan ran, and why, comes first
-        assert f.readline().strip() == "scan backend: lean (auto: the PyTorch scan on cpu)"
+        assert f.readline().strip() == "scan backend: lean (auto: PyTorch on cpu, small blocks token-major)"
 
 
 def test_resume_continues_the_same_loss_trajectory(fmnist, fmnist_run, tmp_path):
