@@ -932,6 +932,18 @@ def _add_tap_grads(gw_ptr, rc, mc, W: tl.constexpr, g0, g1, g2, g3):
 
 
 @triton.jit
+def _stream_params(w_ptr, sw_d, sw_k, b_ptr, sb_d, rc, mc, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """One direction's four taps by distance (0 for taps past W) and its bias, for the streamed kernels."""
+    w_col = rc * sw_d
+    w0 = _tap_by_distance(w_ptr, w_col, sw_k, mc, W, 0, BLOCK_C)
+    w1 = _tap_by_distance(w_ptr, w_col, sw_k, mc, W, 1, BLOCK_C)
+    w2 = _tap_by_distance(w_ptr, w_col, sw_k, mc, W, 2, BLOCK_C)
+    w3 = _tap_by_distance(w_ptr, w_col, sw_k, mc, W, 3, BLOCK_C)
+    return w0, w1, w2, w3, _conv_bias(b_ptr, rc, sb_d, mc, HAS_BIAS, BLOCK_C)
+
+
+@triton.jit
 def _conv_fwd_stream_kernel(
     x_ptr, sx_b, sx_l, sx_d, seqlen, dim,
     uf_ptr, wf_ptr, swf_d, swf_k, bf_ptr, sbf_d,        # causal direction: out (contiguous), weight, bias
@@ -943,16 +955,8 @@ def _conv_fwd_stream_kernel(
     pid_b = tl.program_id(0).to(tl.int64)
     rc = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mc = rc < dim
-    wf0 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 0, BLOCK_C)
-    wf1 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 1, BLOCK_C)
-    wf2 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 2, BLOCK_C)
-    wf3 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 3, BLOCK_C)
-    wb0 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 0, BLOCK_C)
-    wb1 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 1, BLOCK_C)
-    wb2 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 2, BLOCK_C)
-    wb3 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 3, BLOCK_C)
-    bias_f = _conv_bias(bf_ptr, rc, sbf_d, mc, HAS_BF, BLOCK_C)
-    bias_b = _conv_bias(bb_ptr, rc, sbb_d, mc, HAS_BB, BLOCK_C)
+    wf0, wf1, wf2, wf3, bias_f = _stream_params(wf_ptr, swf_d, swf_k, bf_ptr, sbf_d, rc, mc, W_F, HAS_BF, BLOCK_C)
+    wb0, wb1, wb2, wb3, bias_b = _stream_params(wb_ptr, swb_d, swb_k, bb_ptr, sbb_d, rc, mc, W_B, HAS_BB, BLOCK_C)
     px = x_ptr + pid_b * sx_b + rc * sx_d                        # token i
     puf = uf_ptr + pid_b * seqlen * dim + rc                     # token i
     pub = ub_ptr + pid_b * seqlen * dim + rc - 3 * dim           # token i - 3
@@ -979,16 +983,8 @@ def _conv_bwd_stream_kernel(
     pid_b = tl.program_id(0).to(tl.int64)
     rc = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mc = rc < dim
-    wf0 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 0, BLOCK_C)
-    wf1 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 1, BLOCK_C)
-    wf2 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 2, BLOCK_C)
-    wf3 = _tap_by_distance(wf_ptr, rc * swf_d, swf_k, mc, W_F, 3, BLOCK_C)
-    wb0 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 0, BLOCK_C)
-    wb1 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 1, BLOCK_C)
-    wb2 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 2, BLOCK_C)
-    wb3 = _tap_by_distance(wb_ptr, rc * swb_d, swb_k, mc, W_B, 3, BLOCK_C)
-    bias_f = _conv_bias(bf_ptr, rc, sbf_d, mc, HAS_BF, BLOCK_C)
-    bias_b = _conv_bias(bb_ptr, rc, sbb_d, mc, HAS_BB, BLOCK_C)
+    wf0, wf1, wf2, wf3, bias_f = _stream_params(wf_ptr, swf_d, swf_k, bf_ptr, sbf_d, rc, mc, W_F, HAS_BF, BLOCK_C)
+    wb0, wb1, wb2, wb3, bias_b = _stream_params(wb_ptr, swb_d, swb_k, bb_ptr, sbb_d, rc, mc, W_B, HAS_BB, BLOCK_C)
     px = x_ptr + pid_b * sx_b + rc * sx_d                        # token i
     pgf = gf_ptr + pid_b * sgf_b + rc * sgf_d                    # token i
     pgb = gb_ptr + pid_b * sgb_b + rc * sgb_d - 3 * sgb_l        # token i - 3
