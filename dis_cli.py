@@ -88,9 +88,10 @@ def pick_device(choice, index=0):
 def add_scan_backend_flag(parser):
     parser.add_argument("--scan-backend", default="auto", choices=DiS.SCAN_BACKENDS,
                         help="DiS.SCAN_BACKEND: auto = on CUDA the fused Triton path once a first-use check passes, "
-                             "else mamba-ssm's kernel where installed, else lean (on a CPU: PyTorch, small blocks token-major); lean = the lean "
-                             "PyTorch scan; ref = the plain loop; mamba_ssm = mamba-ssm's kernel; triton = the Triton "
-                             "scan; fused = Triton blocks (token-major, no flips); the last three need CUDA")
+                             "else mamba-ssm's kernel where installed, else lean (on a CPU: PyTorch, small blocks "
+                             "token-major); lean = the lean PyTorch scan; ref = the plain loop; mamba_ssm = mamba-ssm's "
+                             "kernel; triton = the Triton scan; fused = Triton blocks (token-major, no flips); the last "
+                             "three need CUDA")
 
 
 def set_scan_backend(name, device):
