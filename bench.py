@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import DiS
-from dis_cli import mixed_precision
+from dis_cli import adamw, mixed_precision
 
 # A variant is "<scan or mode>[+compile][+ckpt]": scans lean, ref, triton, fused (the fused Triton blocks),
 # mamba-ssm, stand-in, chunked (DiS models); modes eager, compile (DiT models). Model runs: (name, image size, channels, classes, batch, variants);
@@ -330,7 +330,7 @@ def prepare(name, size, chans, classes, variant, device):
 def training_step(name, size, chans, classes, batch, variant, device):
     """(model, step): one AdamW training step on a fixed random batch, under dis_cli.mixed_precision."""
     model, fwd = prepare(name, size, chans, classes, variant, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), 1e-4, device)
     diffusion = DiS.Diffusion()
     x = torch.randn(batch, chans, size, size, device=device)
     y = torch.randint(0, classes, (batch,), device=device) if classes else None

@@ -123,6 +123,11 @@ def mixed_precision(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def adamw(params, lr, device, weight_decay=0.0):
+    """The optimizer of train.py and bench.py: AdamW, as one fused kernel per step where PyTorch has one (CPU
+    and CUDA): the same update as the default for-each one, without a dozen small ops per parameter tensor."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda") or None)
+
 #################################################################################
 #                         Checkpoints and run folders                           #
 #################################################################################

@@ -3,12 +3,14 @@ Under DIS_CI=1 a test that would skip for a missing optional package fails inste
 import gzip
 import importlib
 import itertools
+import json
 import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -2228,6 +2230,34 @@ def run_script(*args, env=None, ok=True):
     return r
 
 
+# Runs scripts one after another in one Python process (torch imported once), each as `python script args`
+# would (runpy, as __main__), and prints a JSON list of their exit codes and stderr. Modules the scripts import
+# stay imported between runs: only for runs that end early (bad inputs).
+ONE_PROCESS_DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+out = []
+for argv in json.loads(sys.argv[1]):
+    err, code = io.StringIO(), 0
+    sys.argv = list(argv)
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc(file=err)
+            code = 1
+    out.append((code, err.getvalue()))
+print(json.dumps(out))
+"""
+
+
+def run_scripts_in_one_process(argvs, env=None):
+    """[subprocess-like results (returncode, stderr)] of each script run in argvs, all in one process."""
+    r = run_script("-c", ONE_PROCESS_DRIVER, json.dumps(argvs), env=env)
+    return [types.SimpleNamespace(returncode=code, stderr=err) for code, err in json.loads(r.stdout)]
+
+
 def expect_user_error(r, *patterns):
     """A bad input ends with one line 'error: ...' and exit code 2: no traceback."""
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
@@ -2478,15 +2508,17 @@ def test_bad_inputs_end_with_one_line(fmnist, fmnist_run, tmp_path):
     cases.append((["sample.py", "--ckpt", str(tmp_path / "unknown.pt")], ["cannot build"]))
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     cases.append((["sample.py", "--ckpt", str(tmp_path / "foreign.pt")], ["not a DiS checkpoint"]))
-    for args, patterns in cases:
-        if args[0] == "train.py" and "--results-dir" not in args:
-            args = args + ["--results-dir", str(tmp_path / "r")]
-        expect_user_error(run_script(*args, ok=False), *patterns)
     # a fast path that cannot run here (Triton's interpreter off, no mamba-ssm on a CPU)
     for backend, pattern in (("fused", "needs a CUDA device"), ("mamba_ssm", "needs mamba-ssm")):
-        r = run_script("sample.py", "--ckpt", ckpt, "--scan-backend", backend, "--device", "cpu", ok=False,
-                       env={"TRITON_INTERPRET": "0"})
-        expect_user_error(r, f"--scan-backend {backend}", pattern)
+        cases.append((["sample.py", "--ckpt", ckpt, "--scan-backend", backend, "--device", "cpu"],
+                      [f"--scan-backend {backend}", pattern]))
+    argvs = [args + ["--results-dir", str(tmp_path / "r")] if args[0] == "train.py" and "--results-dir" not in args
+             else args for args, _ in cases]
+    # one process for all (a process per case took about two minutes); one case alone as a real process too
+    results = run_scripts_in_one_process(argvs, env={"TRITON_INTERPRET": "0"})
+    results[0] = run_script(*argvs[0], ok=False)
+    for r, (_, patterns) in zip(results, cases, strict=True):
+        expect_user_error(r, *patterns)
 
 
 def train_in_process(*argv):

@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import DiS
-from dis_cli import (HelpFormatter, RunLog, UserError, add_device_flag, add_scan_backend_flag, deferred_ctrl_c, flag,
-                     load_vae, load_weights, mixed_precision, model_from_config, new_run_dir, pick_device, resume,
-                     rng_state, run, run_checkpoints, run_of, save_checkpoint, set_rng_state, set_scan_backend,
-                     to_images)
+from dis_cli import (HelpFormatter, RunLog, UserError, adamw, add_device_flag, add_scan_backend_flag, deferred_ctrl_c,
+                     flag, load_vae, load_weights, mixed_precision, model_from_config, new_run_dir, pick_device,
+                     resume, rng_state, run, run_checkpoints, run_of, save_checkpoint, set_rng_state,
+                     set_scan_backend, to_images)
 from dis_data import latents_meta, make_dataset
 
 
@@ -196,7 +196,7 @@ def setup(args, given):
     r.model.to(r.device)
     r.model.grad_checkpoint = args.grad_checkpoint
     r.ema = copy.deepcopy(r.model).requires_grad_(False).eval()   # EMA weights are what we sample from
-    r.opt = torch.optim.AdamW(param_groups(r.model, args.weight_decay), lr=args.lr, weight_decay=0.0)
+    r.opt = adamw(param_groups(r.model, args.weight_decay), args.lr, r.device)
     r.local_batch = args.global_batch_size // r.world
     r.sampler = DistributedSampler(r.dataset, num_replicas=r.world, rank=r.rank, shuffle=True, seed=args.seed,
                                    drop_last=True)
