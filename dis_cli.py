@@ -128,6 +128,7 @@ def adamw(params, lr, device, weight_decay=0.0):
     and CUDA): the same update as the default for-each one, without a dozen small ops per parameter tensor."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda") or None)
 
+
 #################################################################################
 #                         Checkpoints and run folders                           #
 #################################################################################
